@@ -1,0 +1,47 @@
+# Two entry points (see README): `make lab` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Smoke mode shrinks notebook and training sizes so the suite fits CI (2 CPU cores, no GPU).
+TEST_ENV := UMV2_SMOKE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0 TQDM_DISABLE=1
+
+.PHONY: setup lab notebooks test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (umv2)"
+	touch $(STAMP)
+
+## The main job: open the numbered notebooks in JupyterLab.
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+## Execute every notebook headless (full sizes unless UMV2_SMOKE=1) and render HTML into build/.
+notebooks: setup
+	mkdir -p build
+	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
+		../$(VENV)/bin/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=3600 \
+			--output-dir ../build "$$nb" || exit 1; \
+	done
+
+## The whole test suite: reference, kernels (Triton interpreter on CPU), training, notebooks.
+test: setup
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=0 --timeout=900 \
+		--nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks
+
+## Only the Python tests (no notebooks), for quick iteration.
+test-fast: setup
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q -p no:cacheprovider tests
+
+bench: setup
+	$(PY) -m kernels.bench
+
+clean:
+	rm -rf $(VENV) build

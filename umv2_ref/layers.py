@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .retrieval import key_balance_loss, product_key_topk, rank1_factors, tucker_rank_penalty, tucker_topk
-from .values import expanded_lookup, peer_values, weighted_sum
+from . import backend as backends
+from .retrieval import key_balance_loss, product_key_topk, rank1_factors, tucker_rank_penalty
+from .values import expanded_lookup
 
 NORM_KINDS = (None, "layer", "rms", "batch")
 
@@ -82,6 +83,7 @@ class PKMConfig:
     query_norm: str | None = "batch"  # PKM used BatchNorm; 'layer'/'rms' or None also allowed
     key_norm: str | None = None  # normalise sub-keys too (Memory+ variant uses 'layer')
     d_value: int | None = None  # value width; None -> d_model (PKM, PEER)
+    backend: str = "auto"  # value path: 'auto' | 'torch' | 'triton' (see umv2_ref.backend)
 
     def __post_init__(self) -> None:
         _check_config(self, d_model=self.d_model, n_keys=self.n_keys, d_key=self.d_key, heads=self.heads, topk=self.topk)
@@ -147,6 +149,7 @@ class PKM(nn.Module):
 
     def forward(self, x: Tensor) -> MemoryOutput:
         w, idx = self.retrieval(x)  # [..., H*k]
+        weighted_sum = backends.get("weighted_sum", self.cfg.backend, x)
         return MemoryOutput(weighted_sum(self.values, idx, w), idx, w)  # [..., d]
 
 
@@ -167,6 +170,7 @@ class PEER(nn.Module):
 
     def forward(self, x: Tensor) -> MemoryOutput:
         w, idx = self.retrieval(x)  # [..., H*k]
+        peer_values = backends.get("peer_values", self.cfg.backend, x)
         out = peer_values(x, self.pre_values, self.values, idx, w, self.activation)  # [..., d]
         return MemoryOutput(out, idx, w)
 
@@ -190,7 +194,7 @@ class MemoryPlus(nn.Module):
 
     def forward(self, x: Tensor) -> MemoryOutput:
         w, idx = self.retrieval(x)  # [..., H*k]
-        y = weighted_sum(self.values, idx, w)  # [..., D_v]
+        y = backends.get("weighted_sum", self.cfg.backend, x)(self.values, idx, w)  # [..., D_v]
         return MemoryOutput(self.out(y * F.silu(self.gate(x))), idx, w)  # [..., d]
 
 
@@ -217,6 +221,7 @@ class TuckerConfig:
     tucker_penalty: float = 0.0  # alpha of UltraMem Eq. 17 (UltraMem: 0.001; UltraMemV2: 0)
     tucker_tau: float = 0.15
     balance_loss: float = 0.0  # beta of UltraMemV2 Eqs. 18-20 (0 = off)
+    backend: str = "auto"  # 'auto' | 'torch' | 'triton' (see umv2_ref.backend)
 
     def __post_init__(self) -> None:
         _check_config(self, d_model=self.d_model, n_keys=self.n_keys, d_key=self.d_key, rank=self.rank,
@@ -276,8 +281,11 @@ class TuckerRetrieval(nn.Module):
         cfg = self.cfg
         s_row, s_col = self.axis_scores(x)
         rank1 = (self.rank1_u, self.rank1_v)
-        scores, idx = tucker_topk(s_row, s_col, self.cores, cfg.topm, exact=cfg.exact_topk,
-                                  k=cfg.prefilter_k, rank1=rank1)
+        if cfg.exact_topk:
+            scores, idx = backends.get("tucker_topk", "torch", x)(s_row, s_col, self.cores, cfg.topm, exact=True)
+        else:
+            tucker_topk = backends.get("tucker_topk", cfg.backend, x)
+            scores, idx = tucker_topk(s_row, s_col, self.cores, cfg.topm, k=cfg.prefilter_k, rank1=rank1)
         aux: dict[str, Tensor] = {}
         if cfg.tucker_penalty:
             aux["tucker_penalty"] = cfg.tucker_penalty * tucker_rank_penalty(self.cores, cfg.tucker_tau)
@@ -429,6 +437,7 @@ class UltraMemV2(nn.Module):
         scores, virtual, aux = self.retrieval(x)  # [..., m, c], [..., m]
         rows = self.physical_rows(virtual)  # [..., m]
         pre_values, values = self.tables()
+        peer_values = backends.get("peer_values", self.cfg.backend, x)
         z = peer_values(self.pre_proj(x), pre_values, values, rows, scores, self.cfg.activation)  # [..., D_v]
         return MemoryOutput(self.out_proj(z), rows, scores, aux)  # [..., d]
 

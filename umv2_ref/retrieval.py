@@ -211,11 +211,12 @@ def tucker_topk(
             b = s_col @ v.to(s_col.dtype)  # [..., n]
             idx_r = a.topk(k, dim=-1).indices  # [..., k]
             idx_c = b.topk(k, dim=-1).indices  # [..., k]
-            cand_r = idx_r[..., :, None].expand(*idx_r.shape, k).flatten(-2)  # [..., k*k]
-            cand_c = idx_c[..., None, :].expand(*idx_c.shape[:-1], k, k).flatten(-2)  # [..., k*k]
-            cand = _gather_pair_scores(s_row, s_col, cores, cand_r, cand_c).sum(-1)  # [..., k*k]
-            best = cand.topk(m, dim=-1).indices  # [..., m]
-        rows, cols = cand_r.gather(-1, best), cand_c.gather(-1, best)  # [..., m]
+            sr = s_row.gather(-2, idx_r[..., None].expand(*idx_r.shape, r))  # [..., k, r]
+            sc = s_col.gather(-2, idx_c[..., None].expand(*idx_c.shape, r))  # [..., k, r]
+            cand = (sr @ cores.sum(0) @ sc.transpose(-1, -2)).flatten(-2)  # [..., k*k] sum over cores
+            best = cand.topk(m, dim=-1).indices  # [..., m] flat (row candidate, col candidate)
+            rows = idx_r.gather(-1, best // k)  # [..., m]
+            cols = idx_c.gather(-1, best % k)  # [..., m]
     scores = _gather_pair_scores(s_row, s_col, cores, rows, cols)  # [..., m, c]
     order = scores.detach().sum(-1).argsort(dim=-1, descending=True)  # [..., m]
     scores = scores.gather(-2, order[..., None].expand_as(scores))

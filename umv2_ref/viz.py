@@ -329,6 +329,14 @@ def _positive(label: str, y) -> np.ndarray:
     return y
 
 
+def _log_x(ax) -> None:
+    """Log x axis with labels on the decades only (minor labels overlap on short ranges)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def log_curves(x, curves: Mapping[str, object], xlabel: str, ylabel: str, title: str = "", logx: bool = False,
                hlines: Mapping[str, float] | None = None) -> Figure:
     """Positive curves over a shared x on a log y axis (variance per layer, a ratio per training step).
@@ -347,7 +355,9 @@ def log_curves(x, curves: Mapping[str, object], xlabel: str, ylabel: str, title:
         ax.axhline(y, color=f"C{len(curves) + i}", ls="--", lw=1.2, label=label)
     ax.set_yscale("log")
     if logx:
-        ax.set_xscale("log")
+        _log_x(ax)
+    elif x.size <= 20 and np.allclose(x, np.round(x)):
+        ax.set_xticks(x)  # integer positions (layers): no fractional ticks
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -399,7 +409,8 @@ def prediction_vs_measurement(x, predicted, measured, xlabel: str, ylabel: str, 
         ax.axhline(y, color=f"C{2 + i}", ls="--", lw=1.2, label=label)
     if marker is not None:
         ax.axvline(marker, color="grey", ls=":", label=f"{marker_label} = {marker:.3g}")
-    ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel, ylabel=ylabel)
+    _log_x(ax)
+    ax.set(yscale="log", title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

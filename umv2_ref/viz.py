@@ -330,10 +330,12 @@ def _positive(label: str, y) -> np.ndarray:
 
 
 def _log_x(ax) -> None:
-    """Log x axis with labels on the decades only (minor labels overlap on short ranges)."""
-    from matplotlib.ticker import NullFormatter
+    """Log x axis labelled at 1, 2, 5 x 10^k in plain numbers (default minor labels overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 

@@ -1,0 +1,153 @@
+"""umv2_ref.train: exact resume, checkpoint errors, CLI, metrics files, value-lr groups, Ctrl-C."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from umv2_ref.optim import value_lr_multiplier
+from umv2_ref.train import CheckpointError, TrainConfig, build_parser, config_from, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(batch_size=4, seq_len=32, eval_every=3, eval_batches=1, eval_batch_size=4, progress=False)
+
+
+def losses(results):
+    return [r["loss"] for r in results["history"]["train"]]
+
+
+def env():
+    return {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.parametrize("model,task", [("ultramemv2", "text"), ("moe-2of16", "icl")])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, model, task):
+    base = dict(SMALL, model=model, task=task, steps=8, value_lr_mult=4.0, value_lr_schedule="decay")
+    full = train(TrainConfig(**base, out=str(tmp_path / "a")))
+    first = train(TrainConfig(**base, out=str(tmp_path / "b"), stop_at=4))
+    assert len(first["history"]["train"]) == 4 and not first["interrupted"]
+    resumed = train(TrainConfig(**base, out=str(tmp_path / "b"), resume=True))
+    assert losses(resumed) == losses(full)  # exact float equality, step by step
+    assert [r["grad_norm"] for r in resumed["history"]["train"]] == [r["grad_norm"] for r in full["history"]["train"]]
+    assert resumed["final"]["loss"] == full["final"]["loss"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    cfg = dict(SMALL, model="dense", task="mqar", steps=3)
+    train(TrainConfig(**cfg, out=str(tmp_path)))
+    return cfg, tmp_path
+
+
+def test_mismatched_checkpoint_is_refused(saved_run):
+    cfg, out = saved_run
+    with pytest.raises(CheckpointError, match=r"train\.lr: checkpoint 0\.003 vs now 0\.001"):
+        train(TrainConfig(**{**cfg, "lr": 1e-3}, out=str(out), resume=True))
+    with pytest.raises(CheckpointError, match="model"):
+        train(TrainConfig(**{**cfg, "model": "pkm"}, out=str(out), resume=True))
+    with pytest.raises(CheckpointError, match="task.num_kv_pairs"):
+        train(TrainConfig(**cfg, task_overrides={"num_kv_pairs": 2}, out=str(out), resume=True))
+
+
+def test_truncated_or_foreign_checkpoint_is_refused(saved_run):
+    cfg, out = saved_run
+    path = out / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        train(TrainConfig(**cfg, out=str(out), resume=True))
+    torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError, match="not a umv2_ref.train checkpoint"):
+        train(TrainConfig(**cfg, out=str(out), resume=True))
+
+
+def test_checkpoint_is_never_silently_overwritten_or_invented(saved_run, tmp_path_factory):
+    cfg, out = saved_run
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TrainConfig(**cfg, out=str(out)))
+    train(TrainConfig(**cfg, out=str(out), overwrite=True))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(**cfg, out=str(tmp_path_factory.mktemp("empty")), resume=True))
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files behind
+
+
+@pytest.mark.parametrize("schedule", ["constant", "decay"])
+def test_value_param_group_gets_lr_times_multiplier_every_step(schedule):
+    steps, mult = 6, 3.0
+    res = train(TrainConfig(**SMALL, model="pkm", task="text", steps=steps, value_lr_mult=mult,
+                            value_lr_schedule=schedule))
+    for i, rec in enumerate(res["history"]["train"]):
+        expected = mult if schedule == "constant" else value_lr_multiplier(i, steps, start=mult)
+        assert rec["value_lr"] == pytest.approx(rec["lr"] * expected, rel=1e-12)
+
+
+def test_metrics_files_and_memory_metrics(tmp_path):
+    res = train(TrainConfig(**SMALL, model="ultramemv2", task="facts", steps=3, out=str(tmp_path)))
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    assert [int(r["step"]) for r in train_rows] == [1, 2, 3] and [int(r["step"]) for r in val_rows] == [0, 3]
+    assert all(float(r["tokens_per_s"]) > 0 for r in train_rows)
+    for key in ("mem_usage", "mem_kl", "mem_dead", "mem_score_top1", "mem_score_topm", "mem_sv_ratio"):
+        assert val_rows[-1][key] != "", key
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["model_config"]["ffn"] == "ultramemv2" and len(summary["memory"]) == 4
+    layer = summary["memory"][0]
+    assert 0 < layer["usage"] <= 1 and layer["kl"] >= 0 and len(layer["tucker_sv"]) == 2
+    assert res["usage_history"][-1][0] == 3 and len(res["usage_history"][-1][1]) == 4
+
+
+def test_config_json_flags_and_errors(tmp_path):
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"steps": 7, "lr": 1e-3, "model_overrides": {"n_layers": 2}}))
+    cfg = config_from(build_parser().parse_args(["--config", str(cfg_file), "--lr", "5e-4", "--task", "icl"]))
+    assert (cfg.steps, cfg.lr, cfg.task, cfg.model_overrides) == (7, 5e-4, "icl", {"n_layers": 2})
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        config_from({"stpes": 3})
+    with pytest.raises(ValueError, match="model must be one of"):
+        train(TrainConfig(**SMALL, model="transformer", steps=1))
+    with pytest.raises(ValueError, match="model_overrides has unknown"):
+        train(TrainConfig(**SMALL, steps=1, model_overrides={"width": 3}))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        train(TrainConfig(**{**SMALL, "seq_len": 512}, steps=1))
+    with pytest.raises(ValueError, match="value_lr_schedule"):
+        TrainConfig(value_lr_schedule="linear")
+
+
+def test_cli_run_writes_files_and_resumes(tmp_path):
+    (tmp_path / "small.json").write_text(json.dumps({"eval_batches": 1, "eval_batch_size": 4}))
+    cmd = [sys.executable, "-m", "umv2_ref.train", "--model", "dense", "--task", "recall", "--steps", "4",
+           "--batch-size", "4", "--eval-every", "2", "--config", str(tmp_path / "small.json"), "--out", str(tmp_path)]
+    first = subprocess.run(cmd + ["--stop-at", "2"], capture_output=True, text=True, env=env(), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    rest = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env(), cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr
+    assert "step 4: val loss" in rest.stdout
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["step"] for r in summary["history"]["train"]] == [1, 2, 3, 4]
+    assert {p.name for p in tmp_path.iterdir()} >= {"checkpoint.pt", "metrics.csv", "metrics.json"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    (tmp_path / "small.json").write_text(json.dumps({"eval_batches": 1, "eval_batch_size": 4}))
+    cmd = [sys.executable, "-m", "umv2_ref.train", "--model", "dense", "--task", "text", "--steps", "100000",
+           "--batch-size", "2", "--seq-len", "16", "--eval-every", "100000", "--config", str(tmp_path / "small.json"),
+           "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env(), cwd=tmp_path)
+    for line in proc.stderr:
+        if line.startswith("training dense/text"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] >= 1 and len(ckpt["results"]["history"]["train"]) == ckpt["step"]
+    assert "--resume" in err

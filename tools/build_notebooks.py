@@ -46,8 +46,8 @@ def parse_cells(text: str) -> list[tuple[str, str]]:
 
 def build(src: Path) -> dict:
     cells = []
-    for kind, source in parse_cells(src.read_text()):
-        cell = {"cell_type": kind, "metadata": {}, "source": source.splitlines(keepends=True)}
+    for i, (kind, source) in enumerate(parse_cells(src.read_text())):
+        cell = {"cell_type": kind, "id": f"cell-{i:03d}", "metadata": {}, "source": source.splitlines(keepends=True)}
         if kind == "code":
             cell.update(execution_count=None, outputs=[])
         cells.append(cell)

@@ -1,7 +1,7 @@
 """Fused value lookups: ``peer_values`` (PEER / UltraMemV2 FFN values) and ``weighted_sum`` (PKM bag).
 
 Reference: :func:`umv2_ref.values.peer_values` and :func:`umv2_ref.values.weighted_sum`; same
-signatures, same validation (``check_lookup``), same results within the tolerance contract of
+signatures, same validation (``check_lookup``, ``check_peer_inputs``), same results within the tolerance contract of
 ``kernels/README.md`` (fp32 interpreter: 1e-5 relative; GPU fp32 1e-4; bf16 GPU 2e-2).
 
 UltraMemV2 Eq. 15 per token t and selected slot i = indices[t, k]:
@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from umv2_ref.checks import require_ndim, require_same, require_tensor
-from umv2_ref.values import check_lookup, get_activation
+from umv2_ref.values import check_lookup, check_peer_inputs, get_activation
 
 from . import config
 
@@ -341,18 +340,7 @@ def peer_values(
     -> ``[..., D_v]``.
     """
     get_activation(activation)
-    c = check_lookup(table, indices, scores)
-    require_tensor("x_pre", x_pre)
-    require_tensor("pre_table", pre_table)
-    require_ndim("pre_table", pre_table, 2, "[N, D_p]")
-    if pre_table.shape[0] != table.shape[0]:
-        raise ValueError(f"pre_table and table must have the same rows N; got {pre_table.shape[0]} and {table.shape[0]}")
-    if x_pre.shape != (*indices.shape[:-1], pre_table.shape[1]):
-        raise ValueError(
-            f"x_pre must have shape [..., D_p] = {(*indices.shape[:-1], pre_table.shape[1])}; got {tuple(x_pre.shape)}"
-        )
-    require_same("dtype", x_pre=x_pre, pre_table=pre_table, table=table)
-    require_same("device", x_pre=x_pre, pre_table=pre_table, table=table)
+    c = check_peer_inputs(x_pre, pre_table, table, indices, scores)
     idx, flat = _flatten(indices, scores, c)  # [T, m], [T, m, c]
     x = x_pre.reshape(idx.shape[0], pre_table.shape[1]).contiguous()  # [T, D_p]
     out = _Lookup.apply(x, _rows_ok(pre_table), _rows_ok(table), idx, flat, ACT_CODES[activation])  # [T, D_v]

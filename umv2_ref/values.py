@@ -69,6 +69,23 @@ def check_lookup(table: Tensor, indices: Tensor, weights: Tensor, table_name: st
     return c
 
 
+def check_peer_inputs(x_pre: Tensor, pre_table: Tensor, table: Tensor, indices: Tensor, scores: Tensor) -> int:
+    """Validate ``peer_values``' inputs (shared with the Triton kernel); returns the number of cores c."""
+    c = check_lookup(table, indices, scores)
+    require_tensor("x_pre", x_pre)
+    require_tensor("pre_table", pre_table)
+    require_ndim("pre_table", pre_table, 2, "[N, D_p]")
+    if pre_table.shape[0] != table.shape[0]:
+        raise ValueError(f"pre_table and table must have the same rows N; got {pre_table.shape[0]} and {table.shape[0]}")
+    if x_pre.shape != (*indices.shape[:-1], pre_table.shape[1]):
+        raise ValueError(
+            f"x_pre must have shape [..., D_p] = {(*indices.shape[:-1], pre_table.shape[1])}; got {tuple(x_pre.shape)}"
+        )
+    require_same("dtype", x_pre=x_pre, pre_table=pre_table, table=table)
+    require_same("device", x_pre=x_pre, pre_table=pre_table, table=table)
+    return c
+
+
 def pool(rows: Tensor, weights: Tensor) -> Tensor:
     """``sum_m weights[..., m] * rows[..., m, :]``; with weights ``[..., m, c]`` core c weights slice c.
 
@@ -115,18 +132,7 @@ def peer_values(
         ``[..., D_v]`` pooled values z (the caller applies ``W_v``).
     """
     act = get_activation(activation)
-    check_lookup(table, indices, scores)
-    require_tensor("x_pre", x_pre)
-    require_tensor("pre_table", pre_table)
-    require_ndim("pre_table", pre_table, 2, "[N, D_p]")
-    if pre_table.shape[0] != table.shape[0]:
-        raise ValueError(f"pre_table and table must have the same rows N; got {pre_table.shape[0]} and {table.shape[0]}")
-    if x_pre.shape != (*indices.shape[:-1], pre_table.shape[1]):
-        raise ValueError(
-            f"x_pre must have shape [..., D_p] = {(*indices.shape[:-1], pre_table.shape[1])}; got {tuple(x_pre.shape)}"
-        )
-    require_same("dtype", x_pre=x_pre, pre_table=pre_table, table=table)
-    require_same("device", x_pre=x_pre, pre_table=pre_table, table=table)
+    check_peer_inputs(x_pre, pre_table, table, indices, scores)
     pre = torch.einsum("...md,...d->...m", pre_table[indices], x_pre)  # [..., m]
     if act is not None:
         pre = act(pre)

@@ -50,12 +50,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import costs
 from . import data as text_data
 from . import synthetic
 from .layers import TuckerRetrieval, UltraMemV2, refresh_rank1
 from .metrics import UsageTracker, score_means, tucker_singular_values
 from .model import MODEL_KINDS, ModelConfig, TinyLM
-from .optim import cosine_lr, param_groups, value_lr_multiplier
+from .optim import cosine_lr, is_memory_value, param_groups, value_lr_multiplier
 
 TASK_NAMES = ("text",) + tuple(synthetic.TASKS)
 VALUE_LR_SCHEDULES = ("constant", "decay")
@@ -201,9 +202,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, value_mult: float) -> No
 
 def count_params(model: TinyLM) -> dict[str, int]:
     """Total parameters and the memory-table share (values / pre-values), deduplicated."""
-    params = {id(p): (n, p) for n, p in model.named_parameters()}.values()
-    tables = sum(p.numel() for n, p in params if n.rsplit(".", 1)[-1] in ("values", "pre_values"))
-    return {"params": sum(p.numel() for _, p in params), "table_params": tables}
+    tables = sum(p.numel() for name, p in model.named_parameters() if is_memory_value(name))
+    return {"params": costs.count_params(model), "table_params": tables}
 
 
 # ---------------------------------------------------------------------------------------------

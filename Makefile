@@ -19,8 +19,11 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 ## The main job: open the numbered notebooks in JupyterLab.
+# JupyterLab refuses to run as root (containers, cloud notebooks) unless told to.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
 
 ## Execute every notebook headless (full sizes unless UMV2_SMOKE=1) and render HTML into build/.
 notebooks: setup

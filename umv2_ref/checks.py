@@ -59,3 +59,10 @@ def require_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def require_finite(name: str, x: Tensor) -> None:
+    """Refuse NaN or infinite entries (a value check: it reads the tensor's data)."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite; got {bad} NaN or infinite entries of {x.numel()}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -304,6 +305,31 @@ class FactMemorisation:
         inputs.scatter_(1, start + 3, self.attributes[fact])
         targets.scatter_(1, start + 2, self.attributes[fact])
         return inputs, targets
+
+
+    @property
+    def n_attributes(self) -> int:
+        """Distinct attribute tokens (chance accuracy is ``1 / n_attributes``)."""
+        return self.vocab_size - self.ranges[1]
+
+    def bits(self) -> float:
+        """Information in the fact table: ``n_facts * log2(n_attributes)`` bits (attributes are uniform)."""
+        return self.n_facts * math.log2(self.n_attributes)
+
+
+# The capacity-limited setting of the head-to-head (``umv2_ref.experiments.compare``, task
+# ``facts-capacity``): 8x more facts than the default table, on an alphabet of 96 entity tokens
+# (9,216 possible entities) and 128 attributes, 4096 * 7 = 28.7 kbit.  The size was fixed by a
+# pilot run *of the dense model only*, with the rule stated before it ran: the smallest of
+# {2048, 4096, 8192} facts at which the dense model (seed 0, lr 3e-3, 400 steps of batch 32, about
+# 25 reads per fact) stays below 50 % accuracy -- a table the dense model of equal activated size
+# cannot store within the step budget.  The pilot's numbers are in README.md.
+CAPACITY_FACTS = {"n_facts": 4096, "entity_tokens": 96}
+
+
+def capacity_facts(**overrides) -> "FactMemorisation":
+    """:class:`FactMemorisation` at :data:`CAPACITY_FACTS` (``overrides`` replace any field)."""
+    return FactMemorisation(**{**CAPACITY_FACTS, **overrides})
 
 
 TASKS = {"mqar": MQAR, "recall": MultiRoundRecall, "icl": ICLLabelMapping, "facts": FactMemorisation}

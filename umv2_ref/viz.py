@@ -512,3 +512,106 @@ def bytes_breakdown(versions: Mapping[str, Mapping[str, float]], title: str = "b
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+# --- a trained model, token by token (notebooks 06, 08; umv2_ref.explore) ---
+
+
+def seed_curves(curves: Mapping[str, tuple[object, object]], title: str = "validation loss", ylabel: str = "loss",
+                xlabel: str = "step", zoom_from: float = 0.3) -> Figure:
+    """Mean over seeds with a min–max band, one colour per model: ``curves[label] = (steps [E], runs [R, E])``.
+
+    The y-range covers the curves from ``zoom_from`` of the way along the x-axis onwards (the start of
+    training is far above the end), so differences at the end are readable; the legend carries each
+    model's final mean.  With a single run per label the band is empty.
+    """
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
+    low, high = np.inf, -np.inf
+    for label, (x, runs) in curves.items():
+        x = _np(x).astype(float)
+        runs = np.atleast_2d(_np(runs).astype(float))
+        if x.ndim != 1 or runs.shape[1] != x.shape[0]:
+            raise ValueError(f"curve {label!r}: steps {x.shape} and runs {runs.shape} must be [E] and [R, E]")
+        mean = runs.mean(0)
+        (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{label} (end {mean[-1]:.3f})")
+        if runs.shape[0] > 1:
+            ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        tail = x >= x.min() + zoom_from * (x.max() - x.min())
+        low, high = min(low, runs[:, tail].min()), max(high, runs[:, tail].max())
+    if np.isfinite(low) and np.isfinite(high):
+        pad = 0.08 * max(high - low, 1e-6)
+        ax.set_ylim(low - pad, high + pad)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def trace_panel(grid, rows, cols, scores, pre_scores, norms, branch_norms: Mapping[str, float],
+                highlight: int | None = None, title: str = "") -> Figure:
+    """What one memory layer did for one token (:func:`umv2_ref.explore.trace`).
+
+    Panels: the ``[n, n]`` key grid with the read cells outlined (``gid="selected"``; the
+    ``highlight`` slot in cyan, ``gid="highlight"``); then, one bar per read slot ordered by
+    contribution norm: the score (stacked per core when ``scores`` is ``[S, c]``), the pre-score
+    (PEER / UltraMemV2; "none" otherwise), the contribution norm; and the RMS of the memory
+    output, the FFN output and the residual stream.
+
+    rows, cols: ``[S]`` grid cells of the read slots; norms: ``[S]`` contribution norms.
+    """
+    grid = _np(grid).astype(float)
+    rows, cols, norms = _np(rows).astype(int), _np(cols).astype(int), _np(norms).astype(float)
+    scores = _np(scores).astype(float)
+    if grid.ndim != 2 or grid.shape[0] != grid.shape[1]:
+        raise ValueError(f"grid must be [n, n], got {grid.shape}")
+    S = rows.shape[0]
+    if cols.shape != (S,) or norms.shape != (S,) or scores.shape[0] != S:
+        raise ValueError(f"rows, cols, norms must be [S] and scores [S] or [S, c]; got {rows.shape}, {cols.shape}, "
+                         f"{norms.shape}, {scores.shape}")
+    order = np.argsort(-norms, kind="stable")
+    labels = [f"({rows[s]},{cols[s]})" for s in order]
+    colors = ["tab:cyan" if s == highlight else "tab:purple" for s in order]
+    fig = plt.figure(figsize=(12, 5.6))
+    spec = fig.add_gridspec(2, 3, width_ratios=[1.15, 1, 1])
+    ax = fig.add_subplot(spec[:, 0])
+    lim = np.abs(grid).max() or 1.0
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="grid score")
+    for s in range(S):
+        gid = "highlight" if s == highlight else "selected"
+        ax.add_patch(Rectangle((cols[s] - 0.5, rows[s] - 0.5), 1, 1, fill=False, lw=1.6, gid=gid,
+                               edgecolor="cyan" if s == highlight else "black"))
+    ax.set(title=f"key grid, {S} read cells outlined", xlabel="column key j", ylabel="row key i")
+    ax.grid(False)
+    x = np.arange(S)
+    ax = fig.add_subplot(spec[0, 1])
+    if scores.ndim == 2:
+        bottom = np.zeros(S)
+        for c in range(scores.shape[1]):
+            ax.bar(x, scores[order, c], bottom=bottom, label=f"core {c + 1}")
+            bottom += scores[order, c]
+        ax.legend(fontsize=7)
+    else:
+        ax.bar(x, scores[order], color=colors)
+    ax.set(title="score of each read slot", xticks=[])
+    ax = fig.add_subplot(spec[0, 2])
+    if pre_scores is not None:
+        ax.bar(x, _np(pre_scores).astype(float)[order], color=colors)
+        ax.set(title="pre-score <P[i], W_pre x>", xticks=[])
+    else:
+        ax.text(0.5, 0.5, "no pre-scores\n(this layer has none)", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title="pre-score", xticks=[], yticks=[])
+    ax = fig.add_subplot(spec[1, 1])
+    ax.bar(x, norms[order], color=colors)
+    ax.set_xticks(x, labels, rotation=90, fontsize=6)
+    ax.set(title="|contribution| (row i, col j)")
+    ax = fig.add_subplot(spec[1, 2])
+    names = list(branch_norms)
+    values = [float(branch_norms[k]) for k in names]
+    ax.bar(names, np.nan_to_num(values), color=["tab:purple", "tab:green", "tab:grey"][:len(names)])
+    for i, v in enumerate(values):
+        ax.text(i, np.nan_to_num(v), "n/a" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set(title="RMS at this token")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

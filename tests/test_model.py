@@ -252,3 +252,34 @@ def test_init_scales():
     assert model.blocks[0].ffn.down.weight.std().item() == pytest.approx(std / 4, rel=0.05)  # 1/sqrt(2L) = 1/4
     v2 = TinyLM(tiny("ultramemv2"))
     assert v2.memory[0].retrieval.query_norm.weight[0].item() != pytest.approx(16**-0.4)  # calibrated gain
+
+
+@pytest.mark.parametrize("kind,extra", VARIANTS, ids=[k + ("-shared" if e else "") for k, e in VARIANTS])
+def test_every_variant_builds_and_trains_in_float64(kind, extra):
+    """Under ``torch.set_default_dtype(torch.float64)`` every parameter and the logits are float64
+    (regression: the UltraMemV2 init once forced its Monte-Carlo cores to float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = TinyLM(tiny(kind, **extra))
+        tokens = torch.randint(0, VOCAB, (2, 9))
+        out = model(tokens[:, :-1])
+        loss, _ = lm_loss(out, tokens[:, 1:])
+        loss.backward()
+    finally:
+        torch.set_default_dtype(previous)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert out.logits.dtype == torch.float64
+
+
+def test_named_ultramemv2_config_builds_in_float64():
+    from umv2_ref.configs import get_config
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = TinyLM(get_config("ultramemv2", max_seq_len=16))
+        logits = model(torch.randint(0, 256, (1, 8))).logits
+    finally:
+        torch.set_default_dtype(previous)
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()

@@ -270,3 +270,18 @@ def test_last_layer_window_wraps_around_the_pool():
     read = layer(torch.randn(512, 16)).indices.unique()
     window = {(offsets[-1] + i) % rows for i in range(n_l**2)}  # 48..63 and 0..8
     assert set(read.tolist()) <= window and (read < 9).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Default query/key norm gains: official v1 D_k^-0.33, official V2 D_k^-0.4
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_norm_gain_follows_the_official_code_of_each_version():
+    v1 = UltraMem(UltraMemConfig(d_model=16, n_keys=8, d_key=16))
+    v2 = UltraMemV2(UltraMemV2Config(**{**V2, "d_key": 16}))
+    assert v1.cfg.norm_gain == pytest.approx(16**-0.33) and v2.cfg.norm_gain == pytest.approx(16**-0.4)
+    for layer in (v1, v2):
+        for norm in (layer.retrieval.query_norm, layer.retrieval.key_norm):
+            torch.testing.assert_close(norm.weight, torch.full((16,), layer.cfg.norm_gain))
+    assert UltraMemConfig(d_model=16, n_keys=8, norm_gain=0.5).norm_gain == 0.5  # an explicit gain is kept

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -216,12 +217,15 @@ class TuckerConfig:
     prefilter_k: int | None = None  # candidates per axis (default m)
     per_rank_queries: bool = True  # UltraMemV2: separate queries per Tucker rank
     norm: str = "rms"  # query/key norm ('layer' as in the paper, 'rms' as the 1B/7B configs)
-    norm_gain: float | None = None  # None -> D_k^-0.4 (official code); tune with init.calibrate_norm_gain
+    norm_gain: float | None = None  # None -> D_k^-NORM_GAIN_EXPONENT (official code); see init.calibrate_norm_gain
     exact_topk: bool = False  # scan the full grid instead of the rank-1 prefilter (teaching/tests)
     tucker_penalty: float = 0.0  # alpha of UltraMem Eq. 17 (UltraMem: 0.001; UltraMemV2: 0)
     tucker_tau: float = 0.15
     balance_loss: float = 0.0  # beta of UltraMemV2 Eqs. 18-20 (0 = off)
     backend: str = "auto"  # 'auto' | 'torch' | 'triton' (see umv2_ref.backend)
+
+    # Default query/key norm gain D_k^-x: the official V2 code initialises the norm weights to D_k^-0.4.
+    NORM_GAIN_EXPONENT: ClassVar[float] = 0.4
 
     def __post_init__(self) -> None:
         _check_config(self, d_model=self.d_model, n_keys=self.n_keys, d_key=self.d_key, rank=self.rank,
@@ -234,7 +238,7 @@ class TuckerConfig:
                 f"{type(self).__name__}: prefilter_k={k} must satisfy k <= n_keys={self.n_keys} and k*k >= topm={self.topm}"
             )
         if self.norm_gain is None:
-            self.norm_gain = self.d_key**-0.4
+            self.norm_gain = self.d_key**-self.NORM_GAIN_EXPONENT
 
 
 class TuckerRetrieval(nn.Module):
@@ -304,6 +308,9 @@ class UltraMemConfig(TuckerConfig):
     per_rank_queries: bool = False  # v1 shares one query across ranks
     d_value: int = 32  # D_v of the physical values
     expand: int = 4  # E virtual blocks; physical rows N = n_keys^2 / E
+
+    # The official v1 code initialises its query/key norm weights to D_k^-0.33 (V2 changed it to -0.4).
+    NORM_GAIN_EXPONENT: ClassVar[float] = 0.33
 
     def __post_init__(self) -> None:
         super().__post_init__()

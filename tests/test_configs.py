@@ -44,7 +44,7 @@ def test_configs_are_what_their_names_say(models):
         cfg = models[name].cfg
         assert f"{cfg.moe_topk}of{cfg.n_experts}" in name
     v2 = models["ultramemv2"]
-    assert v2.placements == [(l, l) for l in range(4)] and v2.value_pool is None
+    assert v2.placements == [(i, i) for i in range(4)] and v2.value_pool is None
     assert all(isinstance(m, UltraMemV2) for m in v2.memory)
     shared = models["ultramemv2-shared"]
     assert shared.value_pool is not None and shared.cfg.share_ratio == 0.5

@@ -251,11 +251,11 @@ def model_costs(model: TinyLM) -> ModelCosts:
     cfg = model.cfg
     d, V = cfg.d_model, cfg.vocab_size
     parts = {"embedding": dense_cost(V * d)}
-    for l, block in enumerate(model.blocks):
-        parts[f"block{l}.norms"] = dense_cost(2 * d, macs=0)  # the two RMSNorm gains
-        parts[f"block{l}.attn"] = module_cost(block.attn)
+    for i, block in enumerate(model.blocks):
+        parts[f"block{i}.norms"] = dense_cost(2 * d, macs=0)  # the two RMSNorm gains
+        parts[f"block{i}.attn"] = module_cost(block.attn)
         if block.ffn is not None:
-            parts[f"block{l}.ffn"] = module_cost(block.ffn)
+            parts[f"block{i}.ffn"] = module_cost(block.ffn)
     for j, layer in enumerate(model.memory):
         parts[f"memory{j}"] = module_cost(layer)
     if model.value_pool is not None:

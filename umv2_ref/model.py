@@ -376,8 +376,8 @@ class TinyLM(nn.Module):
         self.placements = memory_placements(cfg)
         replaced = {a for a, _ in self.placements} if cfg.ffn in REPLACE_KINDS else set()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, None if l in replaced else self._make_ffn(cfg))
-                                    for l in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, None if i in replaced else self._make_ffn(cfg))
+                                    for i in range(cfg.n_layers))
         memories, pool = build_memories(cfg)
         self.memory = nn.ModuleList(memories)
         self.value_pool = pool  # registered once here; the layers sharing it only reference it
@@ -400,11 +400,11 @@ class TinyLM(nn.Module):
         reads: dict[int, Tensor] = {}  # block -> its normalised FFN input
         aux: dict[str, Tensor] = {}
         memory_outputs: list[MemoryOutput] = []
-        for l, block in enumerate(self.blocks):
-            x, reads[l], block_aux = block(x)  # [B, T, d], [B, T, d]
-            aux.update({f"block{l}.{name}": value for name, value in block_aux.items()})
+        for i, block in enumerate(self.blocks):
+            x, reads[i], block_aux = block(x)  # [B, T, d], [B, T, d]
+            aux.update({f"block{i}.{name}": value for name, value in block_aux.items()})
             for j, (a, b) in enumerate(self.placements):
-                if b == l:
+                if b == i:
                     out = self.memory[j](reads[a])  # MemoryOutput, output [B, T, d]
                     x = x + out.output  # [B, T, d]
                     aux.update({f"memory{j}.{name}": value for name, value in out.aux_losses.items()})

@@ -103,6 +103,8 @@ LAYERS = {
     "memory_plus": lambda: MemoryPlus(PKMConfig(d_model=8, n_keys=5, d_key=4, heads=2, topk=3, d_value=6)),
     "ultramem": lambda: UltraMem(UltraMemConfig(d_model=8, n_keys=6, d_key=4, topm=4, d_value=4, expand=4,
                                                 tucker_penalty=1e-3, balance_loss=1e-3)),
+    "ultramem_3heads": lambda: UltraMem(UltraMemConfig(d_model=8, n_keys=6, d_key=4, topm=4, d_value=4, expand=4,
+                                                       heads=3, tucker_penalty=1e-3, balance_loss=1e-3)),
     "ultramemv2": lambda: UltraMemV2(UltraMemV2Config(d_model=8, n_keys=6, d_key=4, topm=4, d_pre=4, d_value=4,
                                                       tucker_penalty=1e-3, balance_loss=1e-3)),
 }

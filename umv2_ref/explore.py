@@ -61,7 +61,7 @@ class Decomposition:
     indices: Tensor  # [..., S] physical rows read
     grid_rows: Tensor  # [..., S] row key of each slot's grid cell
     grid_cols: Tensor  # [..., S] column key
-    heads: Tensor | None  # [..., S] product-key head of each slot (PKM family), None for TDQKR
+    heads: Tensor | None  # [..., S] retrieval head of each slot (PKM family, UltraMem v1), None for UltraMemV2
     blocks: Tensor | None  # [..., S] UltraMem v1 virtual block (which projector), else None
     scores: Tensor  # [..., S] weights used, or [..., S, c] per-core scores
     pre_scores: Tensor | None  # [..., S] <pre-value, input> (PEER, UltraMemV2), else None
@@ -106,20 +106,23 @@ def decompose(layer: nn.Module, x: Tensor) -> Decomposition:
             contrib = _sliced(layer.values[idx], w * (act(pre) if act else pre))  # [..., S, d]
             residual = x.new_zeros(x.shape)
         else:
+            table = layer.table() if hasattr(layer, "table") else layer.values  # own or shared values [N, D_v]
             gate = F.silu(layer.gate(x))  # [..., D_v]
-            contrib = (_sliced(layer.values[idx], w) * gate[..., None, :]) @ layer.out.weight.T  # [..., S, d]
+            contrib = (_sliced(table[idx], w) * gate[..., None, :]) @ layer.out.weight.T  # [..., S, d]
             residual = layer.out.bias.expand(x.shape)  # [..., d]
         return Decomposition(idx, rows, cols, heads, None, w, pre, contrib, residual)
     if isinstance(layer, UltraMem):
-        scores, virtual, _ = layer.retrieval(x)  # [..., m, c], [..., m]
+        scores, virtual, _ = layer.retrieval(x)  # [..., H*m, c], [..., H*m] head-major
         n, n_rows, E = layer.cfg.n_keys, layer.cfg.n_rows, layer.cfg.expand
+        H = getattr(layer.cfg, "heads", 1)
+        heads = torch.arange(H, device=x.device).repeat_interleave(virtual.shape[-1] // H).expand_as(virtual)
         physical = layer.shuffle[virtual]  # [..., m]
         rows, blocks = physical % n_rows, physical // n_rows  # [..., m]
         weighted = _sliced(layer.values[rows], scores)  # [..., m, D_v]
         proj = layer.proj.weight.view(layer.cfg.d_model, E, -1)  # [d, E, D_v] = [W_1 ... W_E]
         onehot = F.one_hot(blocks, E).to(weighted.dtype)  # [..., m, E]
         contrib = torch.einsum("...mv,...me,dev->...md", weighted, onehot, proj)  # [..., m, d]
-        return Decomposition(rows, virtual // n, virtual % n, None, blocks, scores, None, contrib,
+        return Decomposition(rows, virtual // n, virtual % n, heads, blocks, scores, None, contrib,
                              x.new_zeros(x.shape))
     if isinstance(layer, UltraMemV2):
         scores, virtual, _ = layer.retrieval(x)  # [..., m, c], [..., m]
@@ -216,7 +219,7 @@ class LayerTrace:
     indices: Tensor  # [T, S] physical rows read
     grid_rows: Tensor  # [T, S] row key of each slot
     grid_cols: Tensor  # [T, S] column key
-    heads: Tensor | None  # [T, S] product-key head (PKM family) or None
+    heads: Tensor | None  # [T, S] retrieval head (PKM family, UltraMem v1) or None (one head)
     blocks: Tensor | None  # [T, S] UltraMem v1 virtual block or None
     scores: Tensor  # [T, S] or per-core [T, S, c]
     pre_scores: Tensor | None  # [T, S] (PEER, UltraMemV2) or None
@@ -227,8 +230,8 @@ class LayerTrace:
     ffn_output: Tensor | None  # [T, d_model] FFN output of the write block (None if it has none)
     stream: Tensor  # [T, d_model] residual stream of the write block after attention
     final_rms: Tensor  # [T] RMS of the final residual stream (for direct logit attribution)
-    axis_scores: tuple[Tensor, Tensor]  # row / column key scores: PKM family [T, H, n]; TDQKR [T, n, r]
-    cores: Tensor | None  # [c, r, r] Tucker cores (TDQKR layers)
+    axis_scores: tuple[Tensor, Tensor]  # row / column key scores: PKM [T, H, n]; UltraMem [T, H, n, r]; V2 [T, n, r]
+    cores: Tensor | None  # Tucker cores: UltraMem [H, c, r, r]; UltraMemV2 [c, r, r]; None for product keys
 
     @property
     def slot_norms(self) -> Tensor:
@@ -236,10 +239,12 @@ class LayerTrace:
         return self.contributions.norm(dim=-1)
 
     def grid(self, t: int, head: int = 0) -> Tensor:
-        """The ``[n, n]`` key-grid scores at position ``t`` (PKM family: of ``head``; TDQKR: summed cores)."""
+        """The ``[n, n]`` key-grid scores of ``head`` at position ``t`` (TDQKR: summed over cores)."""
         s_row, s_col = self.axis_scores
         if self.cores is None:
             return s_row[t, head][:, None] + s_col[t, head][None, :]
+        if self.cores.dim() == 4:  # one set of keys and cores per head
+            return torch.einsum("ia,cab,jb->ij", s_row[t, head], self.cores[head], s_col[t, head])
         return torch.einsum("ia,cab,jb->ij", s_row[t], self.cores, s_col[t])
 
     def norms(self, t: int) -> dict[str, float]:

@@ -11,9 +11,10 @@ One block (pre-norm, RMSNorm, rotary positions, causal SDPA attention, SwiGLU FF
 * ``dense``: SwiGLU FFN in every block.
 * ``moe``: top-k mixture of SwiGLU experts in every block (:class:`MoE`, Switch/OLMoE style).
 * ``pkm`` / ``memoryplus`` / ``peer``: the memory layer *replaces* the FFN of the blocks listed
-  in ``memory_layers`` (XLM's ``--mem_enc_positions``), SwiGLU elsewhere.
+  in ``memory_layers`` (XLM's ``--mem_enc_positions``), SwiGLU elsewhere.  Memory+ layers share one
+  :class:`~umv2_ref.layers.ValueTable` (``mem_share_values``, the Memory+ paper's default).
 * ``ultramem``: SwiGLU everywhere plus skip-layer memories ``"a:b"`` that read block a's FFN
-  input and add their output after block b (UltraMem v1).
+  input and add their output after block b (UltraMem v1), each with ``mem_heads`` retrieval heads.
 * ``ultramemv2``: a memory layer in *every* block, in parallel with a shrunk SwiGLU on the same
   normalised input: ``x_{l+1} = h_l + FFN(xbar_l) + Mem_l(xbar_l)`` (papers.md Sec. 6.2), optionally
   with one :class:`~umv2_ref.layers.ValuePool` shared by all layers (``share_ratio``, Sec. 6.8).
@@ -26,7 +27,7 @@ Initialisation (:func:`init_weights_`): every attention / FFN / expert / router 
 ``N(0, 2/(5d))`` ("small init", Nguyen & Salazar 2019, UltraMemV2 App. A), and the output
 projections (attention out, FFN down, expert down) are further scaled by ``1/sqrt(2L)``.  Memory
 layers keep their own initialisation; UltraMemV2 layers use ``umv2_ref.init.init_ultramemv2_``
-with ``scheme=cfg.mem_init`` (default ``"paper"``, Eq. 26); ``cfg.mem_value_std`` overrides sigma_V.
+with ``scheme="paper"`` (Eq. 26).
 """
 from __future__ import annotations
 
@@ -50,13 +51,13 @@ from .layers import (
     UltraMemV2,
     UltraMemV2Config,
     ValuePool,
+    ValueTable,
     ring_layout,
 )
 
 MODEL_KINDS = ("dense", "moe", "pkm", "memoryplus", "peer", "ultramem", "ultramemv2")
 MEMORY_KINDS = ("pkm", "memoryplus", "peer", "ultramem", "ultramemv2")
 REPLACE_KINDS = ("pkm", "memoryplus", "peer")  # memory replaces the FFN of its block
-MEM_INITS = ("paper", "official")  # ModelConfig.mem_init: umv2_ref.init.SCHEMES
 CALIBRATION_TOKENS = 1024  # Monte-Carlo tokens per UltraMemV2 layer for the norm-gain calibration at init
 
 
@@ -90,9 +91,10 @@ class ModelConfig:
     # --- memory sizes (see memory_config for the mapping onto the layer configs) ---
     mem_n_keys: int = 16  # keys per axis n (ultramemv2: knum, keys per axis of a layer's value window)
     mem_topk: int = 8  # PKM-family: k per head; UltraMem/V2: m slots per token
-    mem_heads: int = 2  # product-key heads (pkm/memoryplus/peer); TDQKR uses one head
+    mem_heads: int = 2  # heads: product-key heads (pkm/memoryplus/peer), UltraMem v1 TDQKR heads; ultramemv2: 1
     mem_d_key: int = 32  # PKM-family: query dim per head; UltraMem/V2: D_k
     mem_d_value: int = 0  # 0 -> d_model; memoryplus/ultramem/ultramemv2 value width D_v
+    mem_share_values: bool = True  # memoryplus: all its memory layers read one value table (False: one each)
     mem_d_pre: int = 0  # ultramemv2 pre-value width D_p; 0 -> mem_d_value
     mem_query_norm: str = "layer"  # PKM-family query norm ('batch' would leak future tokens)
     mem_rank: int = 2  # Tucker rank r
@@ -103,8 +105,6 @@ class ModelConfig:
     mem_tucker_penalty: float = 0.0  # UltraMem Eq. 17 weight (0.001 in UltraMem)
     mem_balance_loss: float = 0.0  # UltraMemV2 key-balance weight (0 in the paper)
     share_ratio: float | None = None  # ultramemv2: None -> one table per layer; else ring_layout
-    mem_init: str = "paper"  # ultramemv2 init: "paper" (App. A, Eq. 26) or "official" (released-code constants)
-    mem_value_std: float | None = None  # ultramemv2: sigma_V of values and pre-values; None -> the scheme's
     backend: str = "auto"  # value-path backend for the memory layers
 
     def __post_init__(self) -> None:
@@ -121,11 +121,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.moe_topk={self.moe_topk} must be <= n_experts={self.n_experts}")
         if self.share_ratio is not None and self.ffn != "ultramemv2":
             raise ValueError(f"ModelConfig.share_ratio is for ffn='ultramemv2' only, got ffn={self.ffn!r}")
-        if self.mem_init not in MEM_INITS:
-            raise ValueError(f"ModelConfig.mem_init must be one of {MEM_INITS}, got {self.mem_init!r}")
-        if self.mem_value_std is not None and (isinstance(self.mem_value_std, bool) or not isinstance(
-                self.mem_value_std, (int, float)) or not 0 < self.mem_value_std < math.inf):
-            raise ValueError(f"ModelConfig.mem_value_std must be None or a positive finite float, got {self.mem_value_std!r}")
+        if not self.mem_share_values and self.ffn != "memoryplus":
+            raise ValueError(f"ModelConfig.mem_share_values=False is for ffn='memoryplus' only, got ffn={self.ffn!r}")
         self.d_ff = self.d_ff or default_d_ff(self.d_model)
         self.d_expert = self.d_expert or max(1, self.d_ff // self.moe_topk)
         self.mem_d_value = self.mem_d_value or self.d_model
@@ -185,7 +182,8 @@ def memory_config(cfg: ModelConfig) -> PKMConfig | UltraMemConfig | UltraMemV2Co
                   topm=cfg.mem_topk, norm=cfg.mem_norm, tucker_penalty=cfg.mem_tucker_penalty,
                   balance_loss=cfg.mem_balance_loss, backend=cfg.backend)
     if cfg.ffn == "ultramem":
-        return UltraMemConfig(**tucker, n_keys=cfg.mem_n_keys, d_value=cfg.mem_d_value, expand=cfg.mem_expand)
+        return UltraMemConfig(**tucker, n_keys=cfg.mem_n_keys, heads=cfg.mem_heads, d_value=cfg.mem_d_value,
+                              expand=cfg.mem_expand)
     if cfg.ffn == "ultramemv2":
         window_keys = cfg.mem_n_keys
         if cfg.share_ratio is not None:
@@ -350,8 +348,10 @@ class LMOutput:
     memory: list[MemoryOutput] = field(default_factory=list)  # one per memory layer, in block order
 
 
-def build_memories(cfg: ModelConfig) -> tuple[list[nn.Module], ValuePool | None]:
-    """One memory layer per placement; for ultramemv2 with ``share_ratio`` also the shared pool."""
+def build_memories(cfg: ModelConfig) -> tuple[list[nn.Module], ValuePool | ValueTable | None]:
+    """One memory layer per placement, and the value store they share, if any: the
+    :class:`ValuePool` of ultramemv2 with ``share_ratio``, or the :class:`ValueTable` of memoryplus
+    with ``mem_share_values``."""
     placements = memory_placements(cfg)
     if not placements:
         return [], None
@@ -360,6 +360,9 @@ def build_memories(cfg: ModelConfig) -> tuple[list[nn.Module], ValuePool | None]
         rows, _, offsets = ring_layout(cfg.n_layers, cfg.mem_n_keys, cfg.share_ratio)
         pool = ValuePool(rows, layer_cfg.d_pre, layer_cfg.d_value, std=layer_cfg.value_std)
         return [UltraMemV2(layer_cfg, pool=pool, offset=offsets[a]) for a, _ in placements], pool
+    if cfg.ffn == "memoryplus" and cfg.mem_share_values:
+        table = ValueTable(layer_cfg.n_slots, layer_cfg.d_value)
+        return [MemoryPlus(layer_cfg, table=table) for _ in placements], table
     layer_cls = {"pkm": PKM, "memoryplus": MemoryPlus, "peer": PEER, "ultramem": UltraMem, "ultramemv2": UltraMemV2}
     return [layer_cls[cfg.ffn](layer_cfg) for _ in placements], None
 
@@ -373,11 +376,11 @@ class TinyLM(nn.Module):
         self.placements = memory_placements(cfg)
         replaced = {a for a, _ in self.placements} if cfg.ffn in REPLACE_KINDS else set()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, None if l in replaced else self._make_ffn(cfg))
-                                    for l in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, None if i in replaced else self._make_ffn(cfg))
+                                    for i in range(cfg.n_layers))
         memories, pool = build_memories(cfg)
         self.memory = nn.ModuleList(memories)
-        self.value_pool = pool  # registered once here; the UltraMemV2 layers only reference it
+        self.value_pool = pool  # registered once here; the layers sharing it only reference it
         self.norm = nn.RMSNorm(cfg.d_model)
         init_weights_(self)
 
@@ -397,61 +400,17 @@ class TinyLM(nn.Module):
         reads: dict[int, Tensor] = {}  # block -> its normalised FFN input
         aux: dict[str, Tensor] = {}
         memory_outputs: list[MemoryOutput] = []
-        for l, block in enumerate(self.blocks):
-            x, reads[l], block_aux = block(x)  # [B, T, d], [B, T, d]
-            aux.update({f"block{l}.{name}": value for name, value in block_aux.items()})
+        for i, block in enumerate(self.blocks):
+            x, reads[i], block_aux = block(x)  # [B, T, d], [B, T, d]
+            aux.update({f"block{i}.{name}": value for name, value in block_aux.items()})
             for j, (a, b) in enumerate(self.placements):
-                if b == l:
+                if b == i:
                     out = self.memory[j](reads[a])  # MemoryOutput, output [B, T, d]
                     x = x + out.output  # [B, T, d]
                     aux.update({f"memory{j}.{name}": value for name, value in out.aux_losses.items()})
                     memory_outputs.append(out)
         logits = self.norm(x) @ self.embed.weight.T  # [B, T, V] tied head
         return LMOutput(logits, aux, memory_outputs)
-
-    @torch.no_grad()
-    def generate(self, tokens: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Sample ``max_new_tokens`` tokens after the prompt ``tokens [B, T]``; returns ``[B, T + new]``.
-
-        Each step feeds the last ``max_seq_len`` tokens (the context is cropped, as nanoGPT does),
-        divides the last position's logits by ``temperature``, keeps the ``top_k`` largest (all when
-        None) and samples from their softmax with ``generator`` (a seeded generator makes the output
-        reproducible).  ``temperature=0`` picks the most likely token (greedy).  The model's
-        train/eval mode is left as it was; call ``.eval()`` first for a trained model.
-        """
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"tokens must be an int tensor [B, T], got "
-                             f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
-        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must hold at least one token per row, got shape {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"tokens must be in [0, vocab_size={self.cfg.vocab_size}), got "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-                math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or not 1 <= top_k <= self.cfg.vocab_size):
-            raise ValueError(f"top_k must be None or an int in [1, vocab_size={self.cfg.vocab_size}], got {top_k!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        out = tokens.long()
-        for _ in range(max_new_tokens):
-            logits = self(out[:, -self.cfg.max_seq_len:]).logits[:, -1, :].float()  # [B, V]
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)  # [B, 1]
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = logits.softmax(-1)  # [B, V]
-                nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
-            out = torch.cat([out, nxt.to(out.device)], dim=1)  # [B, T + i + 1]
-        return out
 
 
 def lm_loss(out: LMOutput, targets: Tensor, ignore_index: int = -100) -> tuple[Tensor, dict[str, float]]:
@@ -484,10 +443,8 @@ def init_weights_(model: TinyLM) -> None:
     """Small init ``N(0, 2/(5d))`` for embeddings, attention, FFN, experts and router; output linears
     (attention ``proj``, FFN ``down``, expert ``w_down``) times ``1/sqrt(2L)``.  Memory layers keep
     their own init, except UltraMemV2 layers, which get :func:`umv2_ref.init.init_ultramemv2_` with
-    ``scheme=cfg.mem_init`` (``"paper"``: App. A, calibrated norm gains, Eq. 26 value std, ``k_inner =
-    d_ff / d``; ``CALIBRATION_TOKENS`` x m top-m scores estimate the mean score, ample for a mean of ~1;
-    ``"official"``: the released code's constants, sigma_V = 0.02); a set ``cfg.mem_value_std`` then
-    redraws the values and pre-values with that std.
+    ``scheme="paper"`` (App. A: calibrated norm gains, Eq. 26 value std, ``k_inner = d_ff / d``;
+    ``CALIBRATION_TOKENS`` x m top-m scores estimate the mean score, ample for a mean of ~1).
     """
     cfg = model.cfg
     std = math.sqrt(2 / (5 * cfg.d_model))
@@ -506,8 +463,5 @@ def init_weights_(model: TinyLM) -> None:
             nn.init.normal_(block.ffn.w_down, std=out_std)
     for layer in model.memory:
         if isinstance(layer, UltraMemV2):
-            init_ultramemv2_(layer, scheme=cfg.mem_init, n_layers=cfg.n_layers, k_inner=cfg.d_ff / cfg.d_model,
+            init_ultramemv2_(layer, scheme="paper", n_layers=cfg.n_layers, k_inner=cfg.d_ff / cfg.d_model,
                              n_tokens=CALIBRATION_TOKENS)
-            if cfg.mem_value_std is not None:  # sigma_V override (e.g. 0.02 with the paper's other choices)
-                for table in layer.tables():
-                    nn.init.normal_(table, std=cfg.mem_value_std)

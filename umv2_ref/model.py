@@ -27,7 +27,7 @@ Initialisation (:func:`init_weights_`): every attention / FFN / expert / router 
 ``N(0, 2/(5d))`` ("small init", Nguyen & Salazar 2019, UltraMemV2 App. A), and the output
 projections (attention out, FFN down, expert down) are further scaled by ``1/sqrt(2L)``.  Memory
 layers keep their own initialisation; UltraMemV2 layers use ``umv2_ref.init.init_ultramemv2_``
-with ``scheme="paper"`` (Eq. 26).
+with ``scheme=cfg.mem_init`` (default ``"paper"``, Eq. 26); ``cfg.mem_value_std`` overrides sigma_V.
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ from .layers import (
 MODEL_KINDS = ("dense", "moe", "pkm", "memoryplus", "peer", "ultramem", "ultramemv2")
 MEMORY_KINDS = ("pkm", "memoryplus", "peer", "ultramem", "ultramemv2")
 REPLACE_KINDS = ("pkm", "memoryplus", "peer")  # memory replaces the FFN of its block
+MEM_INITS = ("paper", "official")  # ModelConfig.mem_init: umv2_ref.init.SCHEMES
 CALIBRATION_TOKENS = 1024  # Monte-Carlo tokens per UltraMemV2 layer for the norm-gain calibration at init
 
 
@@ -105,6 +106,8 @@ class ModelConfig:
     mem_tucker_penalty: float = 0.0  # UltraMem Eq. 17 weight (0.001 in UltraMem)
     mem_balance_loss: float = 0.0  # UltraMemV2 key-balance weight (0 in the paper)
     share_ratio: float | None = None  # ultramemv2: None -> one table per layer; else ring_layout
+    mem_init: str = "paper"  # ultramemv2 init: "paper" (App. A, Eq. 26) or "official" (released-code constants)
+    mem_value_std: float | None = None  # ultramemv2: sigma_V of values and pre-values; None -> the scheme's
     backend: str = "auto"  # value-path backend for the memory layers
 
     def __post_init__(self) -> None:
@@ -121,6 +124,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.moe_topk={self.moe_topk} must be <= n_experts={self.n_experts}")
         if self.share_ratio is not None and self.ffn != "ultramemv2":
             raise ValueError(f"ModelConfig.share_ratio is for ffn='ultramemv2' only, got ffn={self.ffn!r}")
+        if self.mem_init not in MEM_INITS:
+            raise ValueError(f"ModelConfig.mem_init must be one of {MEM_INITS}, got {self.mem_init!r}")
+        if self.mem_value_std is not None and (isinstance(self.mem_value_std, bool) or not isinstance(
+                self.mem_value_std, (int, float)) or not 0 < self.mem_value_std < math.inf):
+            raise ValueError(f"ModelConfig.mem_value_std must be None or a positive finite float, got {self.mem_value_std!r}")
         if not self.mem_share_values and self.ffn != "memoryplus":
             raise ValueError(f"ModelConfig.mem_share_values=False is for ffn='memoryplus' only, got ffn={self.ffn!r}")
         self.d_ff = self.d_ff or default_d_ff(self.d_model)
@@ -412,6 +420,50 @@ class TinyLM(nn.Module):
         logits = self.norm(x) @ self.embed.weight.T  # [B, T, V] tied head
         return LMOutput(logits, aux, memory_outputs)
 
+    @torch.no_grad()
+    def generate(self, tokens: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after the prompt ``tokens [B, T]``; returns ``[B, T + new]``.
+
+        Each step feeds the last ``max_seq_len`` tokens (the context is cropped, as nanoGPT does),
+        divides the last position's logits by ``temperature``, keeps the ``top_k`` largest (all when
+        None) and samples from their softmax with ``generator`` (a seeded generator makes the output
+        reproducible).  ``temperature=0`` picks the most likely token (greedy).  The model's
+        train/eval mode is left as it was; call ``.eval()`` first for a trained model.
+        """
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be an int tensor [B, T], got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must hold at least one token per row, got shape {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"tokens must be in [0, vocab_size={self.cfg.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not 1 <= top_k <= self.cfg.vocab_size):
+            raise ValueError(f"top_k must be None or an int in [1, vocab_size={self.cfg.vocab_size}], got {top_k!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        out = tokens.long()
+        for _ in range(max_new_tokens):
+            logits = self(out[:, -self.cfg.max_seq_len:]).logits[:, -1, :].float()  # [B, V]
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)  # [B, 1]
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = logits.softmax(-1)  # [B, V]
+                nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            out = torch.cat([out, nxt.to(out.device)], dim=1)  # [B, T + i + 1]
+        return out
+
 
 def lm_loss(out: LMOutput, targets: Tensor, ignore_index: int = -100) -> tuple[Tensor, dict[str, float]]:
     """Next-token cross-entropy plus every (already weighted) auxiliary loss.
@@ -443,8 +495,10 @@ def init_weights_(model: TinyLM) -> None:
     """Small init ``N(0, 2/(5d))`` for embeddings, attention, FFN, experts and router; output linears
     (attention ``proj``, FFN ``down``, expert ``w_down``) times ``1/sqrt(2L)``.  Memory layers keep
     their own init, except UltraMemV2 layers, which get :func:`umv2_ref.init.init_ultramemv2_` with
-    ``scheme="paper"`` (App. A: calibrated norm gains, Eq. 26 value std, ``k_inner = d_ff / d``;
-    ``CALIBRATION_TOKENS`` x m top-m scores estimate the mean score, ample for a mean of ~1).
+    ``scheme=cfg.mem_init`` (``"paper"``: App. A, calibrated norm gains, Eq. 26 value std, ``k_inner =
+    d_ff / d``; ``CALIBRATION_TOKENS`` x m top-m scores estimate the mean score, ample for a mean of ~1;
+    ``"official"``: the released code's constants, sigma_V = 0.02); a set ``cfg.mem_value_std`` then
+    redraws the values and pre-values with that std.
     """
     cfg = model.cfg
     std = math.sqrt(2 / (5 * cfg.d_model))
@@ -463,5 +517,8 @@ def init_weights_(model: TinyLM) -> None:
             nn.init.normal_(block.ffn.w_down, std=out_std)
     for layer in model.memory:
         if isinstance(layer, UltraMemV2):
-            init_ultramemv2_(layer, scheme="paper", n_layers=cfg.n_layers, k_inner=cfg.d_ff / cfg.d_model,
+            init_ultramemv2_(layer, scheme=cfg.mem_init, n_layers=cfg.n_layers, k_inner=cfg.d_ff / cfg.d_model,
                              n_tokens=CALIBRATION_TOKENS)
+            if cfg.mem_value_std is not None:  # sigma_V override (e.g. 0.02 with the paper's other choices)
+                for table in layer.tables():
+                    nn.init.normal_(table, std=cfg.mem_value_std)

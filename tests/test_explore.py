@@ -30,6 +30,8 @@ LAYERS = {
     "memoryplus": lambda: MemoryPlus(PKMConfig(d_model=24, n_keys=6, d_key=8, heads=2, topk=3, d_value=12,
                                                query_norm="layer", key_norm="layer")),
     "ultramem": lambda: UltraMem(UltraMemConfig(d_model=24, n_keys=8, d_key=8, topm=6, d_value=12, expand=4)),
+    "ultramem-3heads": lambda: UltraMem(UltraMemConfig(d_model=24, n_keys=8, d_key=8, topm=4, heads=3, d_value=12,
+                                                       expand=4)),
     "ultramemv2": lambda: UltraMemV2(UltraMemV2Config(d_model=24, n_keys=8, d_key=8, topm=6, d_pre=6, d_value=12)),
     "ultramemv2-1core": lambda: UltraMemV2(UltraMemV2Config(d_model=24, n_keys=8, d_key=8, topm=6, cores=1,
                                                             d_pre=6, d_value=12, activation="gelu")),
@@ -58,7 +60,7 @@ def test_contributions_match_a_slot_by_slot_recomputation():
     layer = LAYERS["ultramemv2"]().eval()
     perturb_(layer)
     x = torch.randn(7, 24, dtype=torch.float64)
-    layer.double()
+    layer.double().requires_grad_(False)
     dec = explore.decompose(layer, x)
     pre_values, values = layer.tables()
     x_pre = layer.pre_proj(x)
@@ -66,7 +68,7 @@ def test_contributions_match_a_slot_by_slot_recomputation():
     for t in range(7):
         for s in range(dec.indices.shape[1]):
             row = int(dec.indices[t, s])
-            pre = float(pre_values[row] @ x_pre[t])
+            pre = float((pre_values[row] @ x_pre[t]).detach())
             scale = torch.repeat_interleave(dec.scores[t, s], values.shape[1] // c)  # [D_v]
             expect = layer.out_proj.weight @ (pre * scale * values[row])
             torch.testing.assert_close(dec.contributions[t, s], expect)
@@ -222,3 +224,19 @@ def test_explorer_widget_redraws():
     fig, info = explore.show(model, torch.tensor([104, 105]), 1, layer=3, corpus=corpus)
     assert "row" in info and fig.axes
     plt.close("all")
+
+
+def test_pretrained_trains_once_then_loads_the_same_model(tmp_path, capsys):
+    kw = dict(size="smoke", cache_dir=tmp_path, progress=False, steps=2, eval_every=2)
+    model, results = explore.pretrained("ultramemv2", **kw)
+    assert not model.training and results["final"]["step"] == 2
+    (entry,) = tmp_path.iterdir()
+    stamp = (entry / "pretrained.json").stat().st_mtime_ns
+    again, _ = explore.pretrained("ultramemv2", **kw)  # loaded, not retrained
+    assert (entry / "pretrained.json").stat().st_mtime_ns == stamp
+    tokens = torch.randint(0, 256, (2, 10))
+    torch.testing.assert_close(model(tokens).logits, again(tokens).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="recipe"):
+        explore.pretrained("gpt", **kw)
+    assert explore.main(["--checkpoint", str(entry), "--text", "ab", "--layers", "1"]) == 0
+    assert capsys.readouterr().out.count("memory layer") == 1

@@ -246,8 +246,9 @@ def run_one(recipe: Recipe | str, task: TaskSpec | str, size: Size, seed: int, l
     spec = TASK_SPECS[task] if isinstance(task, str) else task
     directory = run_dir(Path(out), recipe.name, spec.name, lr, seed) if out is not None else None
     result_path = directory / "result.json" if directory else None
+    changed = True
     if result_path is not None and result_path.exists():
-        record = json.loads(result_path.read_text())
+        record, changed = json.loads(result_path.read_text()), False
     else:
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
@@ -264,8 +265,10 @@ def run_one(recipe: Recipe | str, task: TaskSpec | str, size: Size, seed: int, l
     needs = analysis and directory is not None and (
         (selection and "selection" not in record) or not any(k.startswith("knockout") for k in record))
     if needs:
-        record.update(analyse(directory, spec, size, selection))
-    if result_path is not None:
+        extra = analyse(directory, spec, size, selection)
+        record.update(extra)
+        changed = changed or bool(extra)
+    if result_path is not None and changed:
         atomic_json(result_path, record)
     return record
 

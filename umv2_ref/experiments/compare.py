@@ -94,8 +94,7 @@ RECIPES.update({
     "pkm-10x": Recipe("pkm-10x", "pkm", 10.0, about="PKM with the tiny-budget constant 10x value LR"),
 })
 RECIPE_GROUPS = {
-    "h2h": ("dense", "moe-2of16", "moe-8of64", "pkm", "pkm-10x", "ultramem-4x", "umv2-paper", "umv2-official",
-            "umv2-tiny"),
+    "h2h": ("dense", "moe-2of16", "pkm", "pkm-10x", "ultramem-4x", "umv2-paper", "umv2-official", "umv2-tiny"),
     "default": ("dense", "moe-2of16", "moe-8of64", "pkm", "ultramem", "ultramemv2"),
 }
 MODELS = RECIPE_GROUPS["default"]  # the single-recipe-per-config default of earlier versions

@@ -446,7 +446,7 @@ def knockout_eval(model: TinyLM, batches: list[tuple[Tensor, Tensor]], memory=No
 
 
 QUICK = {"text": {"steps": 300, "batch_size": 16, "eval_every": 50},
-         "smoke": {"steps": 30, "batch_size": 8, "eval_every": 10, "eval_batches": 1, "eval_batch_size": 16}}
+         "smoke": {"steps": 20, "batch_size": 8, "eval_every": 10, "eval_batches": 1, "eval_batch_size": 16}}
 
 
 def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | Path | None = CACHE_DIR,

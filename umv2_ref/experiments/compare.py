@@ -418,6 +418,41 @@ def results_table(records: list[dict], costs: dict[str, dict], sweep: list[dict]
     return "\n".join(lines)
 
 
+def compact_summary(records: list[dict], costs: dict, meta: dict, sweep: list[dict] | None = None) -> dict:
+    """What the README and notebook 08 read (``summary.json``): per task and recipe the chosen lr,
+    mean / spread of loss, accuracy and knock-outs, the mean validation curve with its range, and
+    the sweep's selection losses.  No per-step training logs."""
+    summary = summarise(records)
+    results: dict[str, dict] = {}
+    for key, entry in summary.items():
+        task, recipe = key.split("/")
+        runs = [r for r in records if r["task"] == task and r["recipe"] == recipe]
+        curves = np.array([[v["loss"] for v in r["val"]] for r in runs])  # [seeds, evals]
+        entry = {**entry, "curve": {"steps": [v["step"] for v in runs[0]["val"]], "mean": curves.mean(0).tolist(),
+                                    "min": curves.min(0).tolist(), "max": curves.max(0).tolist()}}
+        results.setdefault(task, {})[recipe] = entry
+    table: dict[str, dict] = {}
+    for r in sweep or []:
+        if "selection" in r:
+            table.setdefault(r["task"], {}).setdefault(r["recipe"], {})[f"{r['lr']:g}"] = r["selection"]["loss"]
+    return {"meta": meta, "costs": costs, "results": results, "sweep": table}
+
+
+def machine() -> dict:
+    """Where the numbers come from: CPU, threads, load average and the git commit (when available)."""
+    import platform
+    import subprocess
+
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
 def write_outputs(out: Path, records: list[dict], costs: dict, meta: dict, sweep: list[dict] | None = None) -> str:
     """results.md, results.json and one loss-curve PNG per task; returns the Markdown."""
     import matplotlib
@@ -435,6 +470,7 @@ def write_outputs(out: Path, records: list[dict], costs: dict, meta: dict, sweep
     (out / "results.md").write_text(head + table + "\n")
     atomic_json(out / "results.json", {"meta": meta, "costs": costs, "summary": summarise(records),
                                        "runs": records, "sweep": sweep or []})
+    atomic_json(out / "summary.json", compact_summary(records, costs, meta, sweep))
     for task in dict.fromkeys(r["task"] for r in records):
         curves: dict[str, tuple] = {}
         for r in records:
@@ -506,7 +542,10 @@ def compare(models=MODELS, tasks=TASKS, size: str | Size | dict = "smoke", seed:
     meta = {"size": size if isinstance(size, str) else "custom", "sizes": {k: asdict(v) for k, v in sizes.items()},
             "seeds": seed_list, "lr": lr, "sweep": list(sweep) if sweep else None, "sweep_seed": sweep_seed,
             "recipes": {r.name: asdict(r) for r in recipes},
-            "chosen_lr": {f"{t}/{m}": v for (t, m), v in chosen.items()}, "torch": torch.__version__}
+            "chosen_lr": {f"{t}/{m}": v for (t, m), v in chosen.items()},
+            "train_wall_s": sum(r.get("wall_s", 0.0) for r in records + sweep_records),
+            "train_cpu_s": sum(r.get("cpu_s", 0.0) for r in records + sweep_records),
+            "runs": len(records) + len(sweep_records), **machine()}
     if out is not None:
         table = write_outputs(Path(out), records, costs, meta, sweep_records)
     else:

@@ -240,3 +240,21 @@ def test_pretrained_trains_once_then_loads_the_same_model(tmp_path, capsys):
         explore.pretrained("gpt", **kw)
     assert explore.main(["--checkpoint", str(entry), "--text", "ab", "--layers", "1"]) == 0
     assert capsys.readouterr().out.count("memory layer") == 1
+
+
+def test_fact_slots_pick_the_slot_with_the_largest_direct_effect():
+    model = TinyLM(tiny("ultramemv2"))
+    perturb_(model)
+    x = torch.randint(0, VOCAB, (3, 12))
+    y = torch.full((3, 12), -100)
+    y[0, 4], y[2, 7], y[2, 9] = 5, 11, 3
+    found = explore.fact_slots(model, x, y, batch_size=2)
+    assert [(f["seq"], f["pos"]) for f in found] == [(0, 4), (2, 7), (2, 9)]
+    for f in found:  # brute force through trace + direct_logits of that sequence
+        targets = torch.full((12,), f["target"])
+        effects = torch.stack([explore.direct_logits(model, r, targets)[f["pos"]]
+                               for r in explore.trace(model, x[f["seq"]])])  # [L, S]
+        assert f["effect"] == pytest.approx(float(effects.max()), rel=1e-4, abs=1e-6)
+        assert f["memory_effect"] == pytest.approx(float(effects.sum()), rel=1e-4, abs=1e-5)
+        layer, s = divmod(int(effects.argmax()), effects.shape[1])
+        assert (f["layer"], f["query"][-1]) == (layer, int(x[f["seq"], f["pos"]]))

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from .layers import PEER, PKM, MemoryOutput, MemoryPlus, UltraMem, UltraMemV2
 from .model import MoE, TinyLM
-from .synthetic import IGNORE
+from .synthetic import CAPACITY_FACTS, IGNORE
 from .values import get_activation
 
 LAYER_KINDS = {PKM: "pkm", PEER: "peer", MemoryPlus: "memoryplus", UltraMem: "ultramem", UltraMemV2: "ultramemv2"}
@@ -309,6 +310,56 @@ def direct_logits(model: TinyLM, record: LayerTrace, targets: Tensor) -> Tensor:
     return torch.einsum("tsd,td->ts", record.contributions, direction) / record.final_rms[:, None]
 
 
+@torch.no_grad()
+def fact_slots(model: TinyLM, inputs: Tensor, targets: Tensor, batch_size: int = 32) -> list[dict]:
+    """For every scored position (a fact query ``... e1 e2`` whose target is the attribute ``a``):
+    the memory slot with the largest direct effect on the logit of ``a`` (:func:`direct_logits`).
+
+    inputs, targets ``[N, T]`` (targets ``-100`` where nothing is scored).  Returns one dict per scored
+    position: ``seq, pos, query`` (the two tokens before the target), ``target``, ``predicted``,
+    ``layer, row`` (of the strongest slot), ``effect`` (its direct logit effect), ``memory_effect``
+    (all memory slots of all layers together) and ``share`` (``effect / memory_effect``).
+    """
+    if inputs.shape != targets.shape or inputs.dim() != 2:
+        raise ValueError(f"inputs and targets must both be [N, T], got {tuple(inputs.shape)}, {tuple(targets.shape)}")
+    if not len(model.memory):
+        raise ValueError("fact_slots needs a model with memory layers")
+    was_training = model.training
+    model.eval()
+    found = []
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            x, y = inputs[start:start + batch_size].long(), targets[start:start + batch_size]
+            with capture(model) as cap:
+                logits = model(x).logits  # [b, T, V]
+            mask = y != IGNORE  # [b, T]
+            if not mask.any():
+                continue
+            safe = y.clamp(min=0)  # [b, T]
+            direction = model.embed.weight[safe] * model.norm.weight  # [b, T, d]
+            rms = cap.final.pow(2).mean(-1).add(model.norm.eps or torch.finfo(cap.final.dtype).eps).sqrt()  # [b, T]
+            effects, rows = [], []
+            for j, layer in enumerate(model.memory):
+                dec = decompose(layer, cap.memory_in[j])
+                effects.append(torch.einsum("btsd,btd->bts", dec.contributions, direction) / rms[..., None])
+                rows.append(dec.indices)
+            effect = torch.stack(effects, 2)  # [b, T, L, S]
+            row = torch.stack(rows, 2)  # [b, T, L, S]
+            flat = effect.flatten(2)  # [b, T, L*S]
+            best = flat.argmax(-1)  # [b, T]
+            S = effect.shape[-1]
+            for b, t in mask.nonzero().tolist():
+                k = int(best[b, t])
+                total = float(flat[b, t].sum())
+                found.append({"seq": start + b, "pos": t, "query": x[b, max(0, t - 1):t + 1].tolist(),
+                              "target": int(y[b, t]), "predicted": int(logits[b, t].argmax()),
+                              "layer": k // S, "row": int(row[b, t].flatten()[k]), "effect": float(flat[b, t, k]),
+                              "memory_effect": total, "share": float(flat[b, t, k]) / total if total else float("nan")})
+    finally:
+        model.train(was_training)
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # What a slot stores: the contexts that read it most strongly
 # ---------------------------------------------------------------------------------------------
@@ -445,17 +496,23 @@ def knockout_eval(model: TinyLM, batches: list[tuple[Tensor, Tensor]], memory=No
 # ---------------------------------------------------------------------------------------------
 
 
-QUICK = {"text": {"steps": 300, "batch_size": 16, "eval_every": 50},
-         "smoke": {"steps": 20, "batch_size": 8, "eval_every": 10, "eval_batches": 1, "eval_batch_size": 16}}
+QUICK = {  # TrainConfig fields of the cached sizes
+    "text": {"task": "text", "steps": 300, "batch_size": 16, "eval_every": 50},
+    "smoke": {"task": "text", "steps": 20, "batch_size": 8, "eval_every": 10, "eval_batches": 1, "eval_batch_size": 16},
+    "facts": {"task": "facts", "task_overrides": CAPACITY_FACTS, "steps": 400, "batch_size": 32, "eval_every": 100},
+    "facts-smoke": {"task": "facts", "task_overrides": CAPACITY_FACTS, "steps": 20, "batch_size": 8, "eval_every": 10,
+                    "eval_batches": 1, "eval_batch_size": 32},
+}
 
 
 def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | Path | None = CACHE_DIR,
                progress: bool = True, **fields) -> tuple[TinyLM, dict]:
     """A trained model of ``recipe`` (a :data:`umv2_ref.experiments.compare.RECIPES` name) and its results.
 
-    ``size``: a :data:`QUICK` preset (``"text"``: 300 steps of 16 x 64 bytes of the bundled corpus,
-    ``"smoke"``: 30 tiny steps); ``fields`` override any :class:`~umv2_ref.train.TrainConfig` field
-    (e.g. ``task="facts", task_overrides=...``).  The first call trains and saves the run under
+    ``size``: a :data:`QUICK` preset (``"text"``: 300 steps of 16 x 64 bytes of the bundled corpus;
+    ``"facts"``: 400 steps of batch 32 on the capacity-limited facts of the head-to-head; ``"smoke"``,
+    ``"facts-smoke"``: 20 tiny steps); ``fields`` override any :class:`~umv2_ref.train.TrainConfig`
+    field (e.g. ``lr=1e-2, seed=1``).  The first call trains and saves the run under
     ``cache_dir/<recipe>-<hash of the run config>``; later calls load it in about a second.  A cache
     entry that no longer loads (the code changed) is retrained, with a message.  ``cache_dir=None``
     trains into a temporary directory (nothing kept).  Returns ``(model in eval mode, metrics.json)``.
@@ -467,7 +524,8 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
         raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
     if size not in QUICK:
         raise ValueError(f"size must be one of {tuple(QUICK)}, got {size!r}")
-    settings = {"task": "text", **QUICK[size], **RECIPES[recipe].train_fields(), **fields}
+    settings = {**QUICK[size], **RECIPES[recipe].train_fields(), **fields}
+    settings["task_overrides"] = dict(settings.get("task_overrides", {}))  # never share the preset's dict
     cfg = TrainConfig(progress=progress, **settings)
     key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg) | {"progress": None}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:10]
@@ -496,7 +554,10 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
     done.write_text(json.dumps({"recipe": recipe, "train_wall_s": time.perf_counter() - start,
                                 "config": dataclasses.asdict(cfg)}, indent=1, default=str))
     results = json.loads((directory / "metrics.json").read_text())
-    return load_model(directory), results
+    model = load_model(directory)
+    if cache_dir is None:  # nothing is kept
+        shutil.rmtree(root, ignore_errors=True)
+    return model, results
 
 
 # ---------------------------------------------------------------------------------------------

@@ -615,3 +615,31 @@ def trace_panel(grid, rows, cols, scores, pre_scores, norms, branch_norms: Mappi
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def seed_bars(values: Mapping[str, Mapping[str, Mapping[str, float]]], ylabel: str, title: str = "",
+              chance: Mapping[str, float] | None = None) -> Figure:
+    """Grouped bars of a mean with a min–max error bar: ``values[model][task] = {"mean", "min", "max"}``.
+
+    ``chance[task]`` draws a dashed chance level over that task's group (labelled once).
+    """
+    models = list(values)
+    tasks = list(dict.fromkeys(t for v in values.values() for t in v))
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(tasks) + 0.5 * len(models) + 2), 3.8))
+    for i, model in enumerate(models):
+        stats = [values[model].get(t) for t in tasks]
+        mean = np.array([s["mean"] if s else np.nan for s in stats])
+        lo = np.array([s["mean"] - s["min"] if s else 0.0 for s in stats])
+        hi = np.array([s["max"] - s["mean"] if s else 0.0 for s in stats])
+        ax.bar(np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width, mean, width, yerr=[lo, hi],
+               capsize=2, label=model)
+    for k, task in enumerate(tasks):
+        if chance and task in chance:
+            ax.hlines(chance[task], k - 0.45, k + 0.45, colors="black", linestyles="--", lw=1,
+                      label="chance" if k == next(i for i, t in enumerate(tasks) if t in chance) else None, gid="chance")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set(title=title, ylabel=ylabel)
+    ax.legend(fontsize=7, ncol=min(4, len(models) + 1))
+    fig.tight_layout()
+    return fig

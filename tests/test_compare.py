@@ -58,3 +58,20 @@ def test_spread_and_format():
     s = compare.spread([0.5, 0.7, 0.6])
     assert s["mean"] == pytest.approx(0.6) and s["min"] == 0.5 and s["max"] == 0.7 and s["n"] == 3
     assert compare.fmt_spread(s) == "0.600 [0.500–0.700]"
+
+
+def test_readme_head_to_head_is_the_committed_summary():
+    """README's tables are rendered from data/h2h_summary.json (no hand-copied numbers), >= 3 seeds each."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "data" / "h2h_summary.json").read_text())
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- h2h:begin -->")[1].split("<!-- h2h:end -->")[0].strip()
+    assert block == compare.summary_tables(summary)
+    assert set(summary["results"]) == {"text", "facts-capacity"}
+    for task, table in summary["results"].items():
+        assert set(table) == set(compare.RECIPE_GROUPS["h2h"]), task
+        for recipe, entry in table.items():
+            assert entry["loss"]["n"] >= 3 and entry["acc"]["min"] <= entry["acc"]["mean"] <= entry["acc"]["max"]
+            assert 0 not in entry["seeds"], f"{task}/{recipe}: seed 0 chose the lr and is not reported"

@@ -57,9 +57,10 @@ from umv2_ref.synthetic import IGNORE
 # | `facts` | a fixed fact shared by the whole training set (never in the context) | the second entity token |
 
 # %%
-def show_example(task_name, seed=0, start=0, width=24):
+def show_example(task_name, seed=0, start=0, width=24, task=None):
     """Tokens ``start .. start + width`` of one example: inputs and scored targets ('.' = not scored)."""
-    x, y = synthetic.make_task(task_name).sample(1, torch.Generator().manual_seed(seed))
+    task = synthetic.make_task(task_name) if task is None else task
+    x, y = task.sample(1, torch.Generator().manual_seed(seed))
     cells = lambda row: " ".join(f"{v:>3}" if v != IGNORE else "  ." for v in row[start:start + width].tolist())  # noqa: E731
     print(f"{task_name:6s} inputs : {cells(x[0])}\n{'':6s} targets: {cells(y[0])}\n")
 
@@ -136,7 +137,7 @@ reads = 400 * 32 * capacity.facts_per_seq / capacity.n_facts
 print(f"{capacity.n_facts} facts over {capacity.entity_tokens} entity tokens, {capacity.n_attributes} attributes: "
       f"{capacity.bits() / 1000:.1f} kbit; chance accuracy {1 / capacity.n_attributes:.2%}; "
       f"a fact is read about {reads:.1f} times in 400 steps of batch 32")
-show_example("facts")
+show_example("capacity", task=capacity)
 
 # %% [markdown]
 # ## 5. The multi-seed head-to-head

@@ -438,6 +438,45 @@ def compact_summary(records: list[dict], costs: dict, meta: dict, sweep: list[di
     return {"meta": meta, "costs": costs, "results": results, "sweep": table}
 
 
+def summary_tables(summary: dict) -> str:
+    """The Markdown tables of a :func:`compact_summary` (what README.md embeds between its
+    ``h2h:begin`` / ``h2h:end`` markers, checked by the tests): costs, the learning-rate sweep, and
+    per task mean [min–max] of loss, accuracy and the knock-outs."""
+    results, costs, sweep = summary["results"], summary["costs"], summary.get("sweep", {})
+    recipes = list(dict.fromkeys(r for task in results.values() for r in task))
+    lines = ["| recipe | total params | activated | memory share of MACs | train tokens/s (1 thread, loaded) |",
+             "|---|---:|---:|---:|---:|"]
+    for name in recipes:
+        c = costs[name]
+        speed = np.median([results[t][name]["tokens_per_s"] for t in results if name in results[t]])
+        lines.append(f"| {name} | {format_count(c['params'])} | {format_count(c['active'])} | "
+                     f"{c['memory_share']:.0%} | {speed:,.0f} |")
+    for task, table in sweep.items():
+        lrs = sorted({float(v) for row in table.values() for v in row})
+        lines += ["", f"Learning-rate sweep, `{task}` (seed {summary['meta'].get('sweep_seed', 0)}, loss on the "
+                  "selection split; chosen in bold):", "",
+                  "| recipe | " + " | ".join(f"lr {v:g}" for v in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+        for name, row in table.items():
+            best = min(row, key=row.get)
+            cells = [("**{:.3f}**" if f"{v:g}" == best else "{:.3f}").format(row[f"{v:g}"]) if f"{v:g}" in row
+                     else "–" for v in lrs]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for task, table in results.items():
+        seeds = sorted({v["loss"]["n"] for v in table.values()})
+        best = min(v["loss"]["mean"] for v in table.values())
+        lines += ["", f"`{task}`, mean [min–max] over {'/'.join(map(str, seeds))} seeds at each recipe's chosen "
+                  "learning rate; the last two columns zero every memory layer / every FFN at evaluation:", "",
+                  "| recipe | lr | loss | accuracy | acc, memory zeroed | acc, FFNs zeroed |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, v in table.items():
+            loss = fmt_spread(v["loss"])
+            ko = [fmt_spread(v[k]["acc"]) if k in v else "–" for k in ("knockout_memory", "knockout_ffn")]
+            lines.append(f"| {name} | {'/'.join(f'{x:g}' for x in v['lr'])} | "
+                         f"{f'**{loss}**' if v['loss']['mean'] == best else loss} | {fmt_spread(v['acc'])} | "
+                         f"{ko[0]} | {ko[1]} |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     """Where the numbers come from: CPU, threads, load average and the git commit (when available)."""
     import platform
@@ -571,8 +610,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel (one thread each)")
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--render", metavar="SUMMARY", help="print the tables of a summary.json and exit (no training)")
     p.set_defaults(size="full")
     args = p.parse_args(argv)
+    if args.render:
+        print(summary_tables(json.loads(Path(args.render).read_text())))
+        return
     sweep = tuple(float(v) for v in args.sweep.split(",")) if args.sweep else None
     result = compare(tuple(args.recipes.split(",")), tuple(args.tasks.split(",")), args.size, args.seed, args.lr,
                      args.jobs, args.out, args.steps, args.seeds, sweep, args.sweep_seed)

@@ -75,3 +75,10 @@ def test_readme_head_to_head_is_the_committed_summary():
         for recipe, entry in table.items():
             assert entry["loss"]["n"] >= 3 and entry["acc"]["min"] <= entry["acc"]["mean"] <= entry["acc"]["max"]
             assert 0 not in entry["seeds"], f"{task}/{recipe}: seed 0 chose the lr and is not reported"
+
+
+def test_a_finished_run_of_another_length_is_refused(tmp_path):
+    size = compare.size_for("tiny", "text")
+    compare.run_one("dense", "text", size, 0, 3e-3, out=tmp_path, analysis=False)
+    with pytest.raises(ValueError, match="another run length"):
+        compare.run_one("dense", "text", compare.Size(5, 4, 5, 1, 8), 0, 3e-3, out=tmp_path, analysis=False)

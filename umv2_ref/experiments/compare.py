@@ -248,6 +248,9 @@ def run_one(recipe: Recipe | str, task: TaskSpec | str, size: Size, seed: int, l
     changed = True
     if result_path is not None and result_path.exists():
         record, changed = json.loads(result_path.read_text()), False
+        if record.get("size") != asdict(size):
+            raise ValueError(f"{result_path} was trained with size {record.get('size')}, not {asdict(size)}; "
+                             "use another --out for another run length")
     else:
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,21 @@ def test_facts_table_is_fixed_and_scored_at_the_second_entity_token():
     assert task.one_token_baseline() < 0.15  # both entity tokens are needed to recall the attribute
 
 
+def test_capacity_facts_preset():
+    """The head-to-head's capacity-limited table: 8192 distinct facts, 128 attributes, 57 kbit."""
+    task = synthetic.capacity_facts()
+    assert (task.n_facts, task.entity_tokens, task.n_attributes) == (8192, 96, 128)
+    assert task.bits() == pytest.approx(8192 * 7)
+    assert len({tuple(e) for e in task.entities.tolist()}) == 8192
+    e0, a0, _ = task.ranges
+    assert int(task.entities.min()) >= e0 and int(task.entities.max()) < a0 <= int(task.attributes.min())
+    assert task.one_token_baseline() < 0.1  # one entity token alone does not give the attribute
+    x, y = task.sample(4, gen(3))
+    assert ((y != IGNORE).sum(1) == task.facts_per_seq).all()
+    assert synthetic.capacity_facts(n_facts=100).n_facts == 100  # overrides replace a field
+    assert synthetic.CAPACITY_FACTS == {"n_facts": 8192, "entity_tokens": 96}
+
+
 @pytest.mark.parametrize("name", sorted(synthetic.TASKS))
 def test_tasks_are_seed_deterministic(name):
     task = synthetic.make_task(name)

@@ -90,8 +90,8 @@ def decompose(layer: nn.Module, x: Tensor) -> Decomposition:
     """Split ``layer(x).output`` into per-slot contributions, for any of the five layer kinds.
 
     PKM: ``w_s V[i_s]``.  PEER: ``w_s act(<u_i, x>) v_i``.  Memory+: ``W_2 ((w_s V[i_s]) * silu(W_1 x))``
-    plus the residual ``b_2``.  UltraMem v1: ``W_e (s_s . V[row_s])`` with ``e`` the slot's virtual
-    block.  UltraMemV2: ``W_v ((<P[i], W_pre x> s_s) . V[i])``; ``.`` weights core c's channel slice
+    plus the residual ``b_2`` (V: the layer's own or the shared table).  UltraMem v1: ``W_e (s_s .
+    V[row_s])`` over the H*m slots of all heads, ``e`` the slot's virtual block.  UltraMemV2: ``W_v ((<P[i], W_pre x> s_s) . V[i])``; ``.`` weights core c's channel slice
     by the core's score.
     """
     if isinstance(layer, (PKM, PEER, MemoryPlus)):
@@ -107,24 +107,22 @@ def decompose(layer: nn.Module, x: Tensor) -> Decomposition:
             contrib = _sliced(layer.values[idx], w * (act(pre) if act else pre))  # [..., S, d]
             residual = x.new_zeros(x.shape)
         else:
-            table = layer.table() if hasattr(layer, "table") else layer.values  # own or shared values [N, D_v]
             gate = F.silu(layer.gate(x))  # [..., D_v]
-            contrib = (_sliced(table[idx], w) * gate[..., None, :]) @ layer.out.weight.T  # [..., S, d]
+            contrib = (_sliced(layer.table()[idx], w) * gate[..., None, :]) @ layer.out.weight.T  # [..., S, d]
             residual = layer.out.bias.expand(x.shape)  # [..., d]
         return Decomposition(idx, rows, cols, heads, None, w, pre, contrib, residual)
     if isinstance(layer, UltraMem):
         scores, virtual, _ = layer.retrieval(x)  # [..., H*m, c], [..., H*m] head-major
         n, n_rows, E = layer.cfg.n_keys, layer.cfg.n_rows, layer.cfg.expand
-        H = getattr(layer.cfg, "heads", 1)
-        heads = torch.arange(H, device=x.device).repeat_interleave(virtual.shape[-1] // H).expand_as(virtual)
-        physical = layer.shuffle[virtual]  # [..., m]
-        rows, blocks = physical % n_rows, physical // n_rows  # [..., m]
-        weighted = _sliced(layer.values[rows], scores)  # [..., m, D_v]
+        heads = torch.arange(layer.cfg.heads, device=x.device).repeat_interleave(layer.cfg.topm)  # [H*m]
+        physical = layer.shuffle[virtual]  # [..., H*m]
+        rows, blocks = physical % n_rows, physical // n_rows  # [..., H*m]
+        weighted = _sliced(layer.values[rows], scores)  # [..., H*m, D_v]
         proj = layer.proj.weight.view(layer.cfg.d_model, E, -1)  # [d, E, D_v] = [W_1 ... W_E]
-        onehot = F.one_hot(blocks, E).to(weighted.dtype)  # [..., m, E]
-        contrib = torch.einsum("...mv,...me,dev->...md", weighted, onehot, proj)  # [..., m, d]
-        return Decomposition(rows, virtual // n, virtual % n, heads, blocks, scores, None, contrib,
-                             x.new_zeros(x.shape))
+        onehot = F.one_hot(blocks, E).to(weighted.dtype)  # [..., H*m, E]
+        contrib = torch.einsum("...mv,...me,dev->...md", weighted, onehot, proj)  # [..., H*m, d]
+        return Decomposition(rows, virtual // n, virtual % n, heads.expand_as(virtual), blocks, scores, None,
+                             contrib, x.new_zeros(x.shape))
     if isinstance(layer, UltraMemV2):
         scores, virtual, _ = layer.retrieval(x)  # [..., m, c], [..., m]
         rows = layer.physical_rows(virtual)  # [..., m]

@@ -494,6 +494,7 @@ def knockout_eval(model: TinyLM, batches: list[tuple[Tensor, Tensor]], memory=No
 # ---------------------------------------------------------------------------------------------
 
 
+CLI_MODELS = {"ultramemv2": "umv2-tiny", "moe": "moe-2of16", "dense": "dense"}  # notebook 06's three models
 QUICK = {  # TrainConfig fields of the cached sizes
     "text": {"task": "text", "steps": 300, "batch_size": 16, "eval_every": 50},
     "smoke": {"task": "text", "steps": 20, "batch_size": 8, "eval_every": 10, "eval_batches": 1, "eval_batch_size": 16},
@@ -698,8 +699,9 @@ def explorer(model: TinyLM, text: str = "def greet(name):\n    return 'hello ' +
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m umv2_ref.explore",
                                 description="Per-layer table of what each memory layer reads for a text.")
-    p.add_argument("--model", default="ultramemv2", help="a recipe of umv2_ref.experiments.compare (trained once "
-                   "at the quick size and cached under build/models), unless --checkpoint is given")
+    p.add_argument("--model", default="ultramemv2", help="a recipe of umv2_ref.experiments.compare, trained once at "
+                   "the quick text size and cached under build/models (the models of notebook 06: "
+                   + ", ".join(f"{k} = {v}" for k, v in CLI_MODELS.items()) + "), unless --checkpoint is given")
     p.add_argument("--checkpoint", help="a run directory or checkpoint file (umv2_ref.train.load_model)")
     p.add_argument("--untrained", action="store_true", help="use a freshly initialised model (no training)")
     p.add_argument("--text", default="def greet(name):\n    return 'hello ' + name")
@@ -715,12 +717,13 @@ def main(argv: list[str] | None = None) -> int:
         from .experiments.compare import RECIPES
         from .configs import get_config
 
-        if args.model not in RECIPES:
-            p.error(f"--model must be one of {tuple(RECIPES)}")
-        recipe = RECIPES[args.model]
+        name = CLI_MODELS.get(args.model, args.model)
+        if name not in RECIPES:
+            p.error(f"--model must be one of {tuple(CLI_MODELS)} or {tuple(RECIPES)}")
+        recipe = RECIPES[name]
         model = TinyLM(get_config(recipe.config, **dict(recipe.model_overrides))).eval()
     else:
-        model, _ = pretrained(args.model)
+        model, _ = pretrained(CLI_MODELS.get(args.model, args.model))
     tokens = encode(args.text)[-model.cfg.max_seq_len:].long()
     if tokens.numel() == 0:
         p.error("--text must not be empty")

@@ -496,7 +496,7 @@ def knockout_eval(model: TinyLM, batches: list[tuple[Tensor, Tensor]], memory=No
 
 CLI_MODELS = {"ultramemv2": "umv2-tiny", "moe": "moe-2of16", "dense": "dense"}  # notebook 06's three models
 QUICK = {  # TrainConfig fields of the cached sizes
-    "text": {"task": "text", "steps": 300, "batch_size": 16, "eval_every": 50},
+    "text": {"task": "text", "steps": 200, "batch_size": 16, "eval_every": 40, "eval_batches": 4},
     "smoke": {"task": "text", "steps": 20, "batch_size": 8, "eval_every": 10, "eval_batches": 1, "eval_batch_size": 16},
     "facts": {"task": "facts", "task_overrides": CAPACITY_FACTS, "steps": 400, "batch_size": 32, "eval_every": 100},
     "facts-smoke": {"task": "facts", "task_overrides": CAPACITY_FACTS, "steps": 20, "batch_size": 8, "eval_every": 10,
@@ -508,7 +508,7 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
                progress: bool = True, **fields) -> tuple[TinyLM, dict]:
     """A trained model of ``recipe`` (a :data:`umv2_ref.experiments.compare.RECIPES` name) and its results.
 
-    ``size``: a :data:`QUICK` preset (``"text"``: 300 steps of 16 x 64 bytes of the bundled corpus;
+    ``size``: a :data:`QUICK` preset (``"text"``: 200 steps of 16 x 64 bytes of the bundled corpus;
     ``"facts"``: 400 steps of batch 32 on the capacity-limited facts of the head-to-head; ``"smoke"``,
     ``"facts-smoke"``: 20 tiny steps); ``fields`` override any :class:`~umv2_ref.train.TrainConfig`
     field (e.g. ``lr=1e-2, seed=1``).  The first call trains and saves the run under

@@ -22,7 +22,7 @@
 # 6. knock out the memory and the FFNs to see where the model keeps what it learned.
 #
 # `SMOKE` (set by the test command) shrinks every run to a few dozen steps. At the quick size
-# (`SMOKE = False`) the first run trains three models for 300 steps each — about a minute on an idle
+# (`SMOKE = False`) the first run trains three models for 200 steps each — about a minute on an idle
 # 2-core CPU, a few minutes on a loaded one — and caches them under `build/models`; every later run
 # loads them in seconds. Nothing larger is ever trained silently.
 
@@ -151,7 +151,7 @@ display(Markdown(
 # %%
 UMV2 = "umv2-tiny"  # or "umv2-paper" / "umv2-official" (see umv2_ref.experiments.compare.RECIPES)
 recipes = {"dense": "dense", "MoE 2-of-16": "moe-2of16", "UltraMemV2": UMV2}
-size = "smoke" if SMOKE else "text"  # smoke: 20 steps of 8 x 64 bytes; text: 300 steps of 16 x 64 bytes
+size = "smoke" if SMOKE else "text"  # smoke: 20 steps of 8 x 64 bytes; text: 200 steps of 16 x 64 bytes
 models, runs = {}, {}
 for label, recipe in recipes.items():
     models[label], runs[label] = explore.pretrained(recipe, size=size, cache_dir=None if SMOKE else explore.CACHE_DIR,
@@ -285,7 +285,7 @@ explore.explorer(umv2, text=text, corpus=corpus)
 # learned to rely on its FFNs and attention instead.
 
 # %%
-val = data.load().eval_batches("val", 1 if SMOKE else 8, 32, 64)
+val = data.load().eval_batches("val", 1 if SMOKE else 4, 32, 64)
 rows_md = ["| model | intact | all memory layers zeroed | all FFNs zeroed |", "|---|---:|---:|---:|"]
 ko = {}
 for label, m in models.items():

@@ -514,7 +514,8 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
     field (e.g. ``lr=1e-2, seed=1``).  The first call trains and saves the run under
     ``cache_dir/<recipe>-<hash of the run config>``; later calls load it in about a second.  A cache
     entry that no longer loads (the code changed) is retrained, with a message.  ``cache_dir=None``
-    trains into a temporary directory (nothing kept).  Returns ``(model in eval mode, metrics.json)``.
+    trains into a temporary directory (nothing kept).  Returns ``(model in eval mode, metrics.json)``;
+    the metrics carry ``train_wall_s``, the seconds this call spent training (0 when loaded).
     """
     from .experiments.compare import RECIPES
     from .train import CheckpointError, TrainConfig, load_model, train
@@ -533,7 +534,7 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
     done = directory / "pretrained.json"  # written once training has finished
     if done.exists():
         try:
-            return load_model(directory), json.loads((directory / "metrics.json").read_text())
+            return load_model(directory), json.loads((directory / "metrics.json").read_text()) | {"train_wall_s": 0.0}
         except Exception as err:  # the code changed since the cache was written
             print(f"cached model {directory} does not load ({type(err).__name__}: {err}); retraining", file=sys.stderr)
             done.unlink()
@@ -552,7 +553,7 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
         raise KeyboardInterrupt(f"training of {recipe} was interrupted; call pretrained() again to continue it")
     done.write_text(json.dumps({"recipe": recipe, "train_wall_s": time.perf_counter() - start,
                                 "config": dataclasses.asdict(cfg)}, indent=1, default=str))
-    results = json.loads((directory / "metrics.json").read_text())
+    results = json.loads((directory / "metrics.json").read_text()) | {"train_wall_s": time.perf_counter() - start}
     model = load_model(directory)
     if cache_dir is None:  # nothing is kept
         shutil.rmtree(root, ignore_errors=True)

@@ -22,8 +22,8 @@
 # 6. knock out the memory and the FFNs to see where the model keeps what it learned.
 #
 # `SMOKE` (set by the test command) shrinks every run to a few dozen steps. At the quick size
-# (`SMOKE = False`) the first run trains three models for 200 steps each — about a minute on an idle
-# 2-core CPU, a few minutes on a loaded one — and caches them under `build/models`; every later run
+# (`SMOKE = False`) the first run trains three models for 200 steps each — a few minutes on a 2-core
+# CPU; the cell prints how long it took — and caches them under `build/models`; every later run
 # loads them in seconds. Nothing larger is ever trained silently.
 
 # %%
@@ -159,6 +159,8 @@ for label, recipe in recipes.items():
 for label, res in runs.items():
     print(f"{label:12s} final validation loss {res['final']['loss']:.3f}  next-byte accuracy "
           f"{res['final']['acc']:.3f}  ({res['tokens_per_s']:,.0f} training tokens/s)")
+print(f"training took {sum(r.get('train_wall_s', 0.0) for r in runs.values()):.0f} s the first time "
+      "(0 s means every model came from the cache)")
 
 # %%
 curves = {label: ([v["step"] for v in r["history"]["val"]], [[v["loss"] for v in r["history"]["val"]]])

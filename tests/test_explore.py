@@ -258,3 +258,36 @@ def test_fact_slots_pick_the_slot_with_the_largest_direct_effect():
         assert f["memory_effect"] == pytest.approx(float(effects.sum()), rel=1e-4, abs=1e-5)
         layer, s = divmod(int(effects.argmax()), effects.shape[1])
         assert (f["layer"], f["query"][-1]) == (layer, int(x[f["seq"], f["pos"]]))
+
+
+def test_trace_panel_outlines_the_read_cells():
+    import matplotlib.pyplot as plt
+
+    from umv2_ref import viz
+
+    grid = torch.randn(6, 6)
+    rows, cols = torch.tensor([0, 2, 5]), torch.tensor([1, 2, 3])
+    fig = viz.trace_panel(grid, rows, cols, torch.rand(3, 2), torch.randn(3), torch.rand(3),
+                          {"memory": 0.3, "ffn": float("nan"), "stream": 1.0}, highlight=1)
+    patches = [p for p in fig.axes[0].patches if p.get_gid() in ("selected", "highlight")]
+    cells = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)): p.get_gid() for p in patches}
+    assert cells == {(0, 1): "selected", (2, 2): "highlight", (5, 3): "selected"}
+    plt.close(fig)
+    with pytest.raises(ValueError, match="grid"):
+        viz.trace_panel(torch.zeros(3, 4), rows, cols, torch.rand(3), None, torch.rand(3), {})
+
+
+def test_seed_curves_zoom_on_the_end_and_seed_bars_mark_chance():
+    import matplotlib.pyplot as plt
+
+    from umv2_ref import viz
+
+    steps = [0, 100, 200, 300]
+    fig = viz.seed_curves({"a": (steps, [[5.0, 2.0, 1.6, 1.5], [5.2, 2.1, 1.7, 1.55]]), "b": (steps, [[5.0, 2.2, 1.8, 1.7]])})
+    low, high = fig.axes[0].get_ylim()
+    assert high < 3 and low < 1.5  # the step-0 loss of 5 is outside the zoomed range; the ends are inside
+    assert any("end 1.525" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    plt.close(fig)
+    fig = viz.seed_bars({"m": {"t": {"mean": 0.5, "min": 0.4, "max": 0.7}}}, ylabel="acc", chance={"t": 0.01})
+    assert [c for c in fig.axes[0].collections if c.get_gid() == "chance"]
+    plt.close(fig)

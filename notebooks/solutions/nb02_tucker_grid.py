@@ -1,5 +1,4 @@
 """Solution of nb02_tucker_grid: G = sum_c S_row C_c S_col^T for a batch of queries."""
-import torch
 
 
 def solution(s_row, s_col, cores):

@@ -281,5 +281,5 @@ register(
          "fraction of the N slots read at least once.",
     outputs=("expected usage",),
     rtol=1e-9, atol=0.0,
-    fingerprints=(r"1\s*-\s*\w+\s*/\s*n_slots\)\s*\*\*",),
+    fingerprints=(r"1\s*-\s*k\s*/\s*n_slots",),
 )

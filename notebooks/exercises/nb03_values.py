@@ -201,7 +201,7 @@ register(
     spec="virtual [T, m] int64 (distinct per token), shuffle [E*N] int64, n_rows N int -> [T] int64, the "
          "number of different physical rows shuffle[v] % N among each token's m slots.",
     outputs=("distinct rows",),
-    fingerprints=(r"unique\(", r"len\(set\("),
+    fingerprints=(r"unique\(", r"len\(set\(", r"\[:,\s*1:\]\s*!=\s*\w+\[:,\s*:-1\]"),
 )
 
 

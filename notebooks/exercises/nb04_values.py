@@ -157,7 +157,7 @@ register(
     spec="x [T, d], u [N, d], v [N, d] float32, idx [T, H, k] int64, scores [T, H, k] float32 (raw) -> [T, d] "
          "float32 = sum_h sum_i softmax_h(scores)_i * gelu(u_i . x) * v_i.",
     outputs=("f(x)",),
-    fingerprints=(r"\w+\.softmax\(-1\)\s*\*\s*F\.gelu",),
+    fingerprints=(r"thk,thkd->td",),
 )
 
 
@@ -284,5 +284,5 @@ register(
     spec="same arguments as nb04_multicore_values -> [T, m] float32, the norm || concat_c a_i s_i^(c) "
          "V[i, slice c] ||.",
     outputs=("norms",),
-    fingerprints=(r"def slot_contributions",),
+    fingerprints=(r"def slot_contributions", r"\.pow\(2\)\.sum\(-1\)\.sqrt\(\)"),
 )

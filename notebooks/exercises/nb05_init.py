@@ -90,7 +90,7 @@ register(
          "[B] float64 output variance of one memory head at init (small-init W_pre and W_v).",
     outputs=("sigma_mem^2",),
     rtol=1e-9, atol=0.0,
-    fingerprints=(r"sigma_p\s*\*\*\s*2", r"score_m2"),
+    fingerprints=(r"sigma_p\s*\*\*\s*2",),
 )
 
 

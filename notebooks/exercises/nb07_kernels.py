@@ -143,7 +143,11 @@ register(
     crash_hint="an invalid memory access usually means a load or store without its mask: guard the token "
                "tail (t < T) and the padded columns (d < D) in every tl.load and tl.store, and check the "
                "row stride (D, not BLOCK_D).",
-    fingerprints=(r"tl\.sum\(",),
+    fingerprints=(r"tl\.sum\(\s*\w+\s*\*\s*\w+\s*,\s*axis\s*=\s*1\s*\)",),
+    # the worked bag_kernel above the exercise is the intended template (program ids, masks, the slot
+    # loop, the gather: ~88% of the kernel's tokens); the new parts -- the product with g, the reduction over
+    # channels, the per-slot store -- are not, and copying bag_kernel verbatim (100%) still counts as a leak
+    max_copied=0.95,
 )
 
 

@@ -220,7 +220,6 @@ def run_trial(fn: Callable, args: tuple, rules: tuple[Rule, ...]) -> Trial:
         with _watch(rules, args) as violations:
             out = fn(*_clone(args))
             broken, n_ops = violations()
-        return Trial("ok", to_cpu(out), violations=broken, n_ops=n_ops, seconds=time.perf_counter() - start)
     except NotImplementedError as err:
         return Trial("not attempted", error=f"NotImplementedError: {err}".rstrip(": "),
                      seconds=time.perf_counter() - start)
@@ -229,6 +228,12 @@ def run_trial(fn: Callable, args: tuple, rules: tuple[Rule, ...]) -> Trial:
     except BaseException as err:  # the learner's bug (SystemExit included): report it, never crash the notebook
         return Trial("raised", error=f"{type(err).__name__}: {err}", frame=learner_frames(err),
                      seconds=time.perf_counter() - start)
+    try:  # copy the output now: the learner's code may mutate it later
+        out = to_cpu(out)
+    except Exception as err:
+        return Trial("bad output", error=f"your function returned something that cannot be read back "
+                                         f"({type(err).__name__}: {err})", seconds=time.perf_counter() - start)
+    return Trial("ok", out, violations=broken, n_ops=n_ops, seconds=time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class Exercise:
     outputs: tuple[str, ...] = ()  # names of the outputs, for the report
     alternatives: list[Alternative] = field(default_factory=list)
     fingerprints: tuple[str, ...] = ()  # regexes of the solution that must not appear before the exercise
+    max_copied: float = 0.5  # share of the solution's code that may appear above the exercise (leaks.py)
     trials: int = 4
     rtol: float = 1e-5
     atol: float = 1e-6  # relative to the output's largest magnitude

@@ -76,6 +76,10 @@ _ACCUMULATING_PUT = {"index_put_", "index_put", "_index_put_impl_", "_index_put_
 class _OpTracker(TorchDispatchMode):
     """Records the aten ops that run and which allocation predicates fire."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # nothing is compiled here; wrapping would import torch._dynamo (seconds) on first use
+
     def __init__(self, predicates: list[tuple[int, Callable[[torch.Tensor], bool]]]):
         super().__init__()
         self.ops: set[str] = set()

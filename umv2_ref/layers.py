@@ -246,6 +246,7 @@ class TuckerConfig:
     cores: int = 2  # multi-core scoring c
     topm: int = 8  # m slots read per token
     prefilter_k: int | None = None  # candidates per axis (default m)
+    prefilter_quadrants: int = 1  # 1: top-k of (a, b) as the papers; 2: also of (-a, -b) (retrieval.tucker_topk)
     per_rank_queries: bool = True  # UltraMemV2: separate queries per Tucker rank
     norm: str = "rms"  # query/key norm ('layer' as in the paper, 'rms' as the 1B/7B configs)
     norm_gain: float | None = None  # None -> D_k^-NORM_GAIN_EXPONENT (official code); see init.calibrate_norm_gain
@@ -263,6 +264,9 @@ class TuckerConfig:
                       cores=self.cores, topm=self.topm)
         if self.norm not in ("layer", "rms"):
             raise ValueError(f"{type(self).__name__}.norm must be 'layer' or 'rms', got {self.norm!r}")
+        q = self.prefilter_quadrants
+        if isinstance(q, bool) or not isinstance(q, int) or q not in (1, 2):
+            raise ValueError(f"{type(self).__name__}.prefilter_quadrants must be 1 or 2, got {self.prefilter_quadrants!r}")
         k = self.topm if self.prefilter_k is None else self.prefilter_k
         if k > self.n_keys or k * k < self.topm:
             raise ValueError(
@@ -328,7 +332,8 @@ def tucker_search(cfg: TuckerConfig, s_row: Tensor, s_col: Tensor, cores: Tensor
         scores, idx = backends.get("tucker_topk", "torch", s_row)(s_row, s_col, cores, cfg.topm, exact=True)
     else:
         tucker_topk = backends.get("tucker_topk", cfg.backend, s_row)
-        scores, idx = tucker_topk(s_row, s_col, cores, cfg.topm, k=cfg.prefilter_k, rank1=rank1)
+        extra = {} if cfg.prefilter_quadrants == 1 else {"quadrants": cfg.prefilter_quadrants}  # 1: the default
+        scores, idx = tucker_topk(s_row, s_col, cores, cfg.topm, k=cfg.prefilter_k, rank1=rank1, **extra)
     aux: dict[str, Tensor] = {}
     if cfg.tucker_penalty:
         aux["tucker_penalty"] = cfg.tucker_penalty * tucker_rank_penalty(cores, cfg.tucker_tau)

@@ -102,6 +102,7 @@ class ModelConfig:
     mem_expand: int = 4  # ultramem: implicit value expansion E
     mem_key_expand: int = 1  # ultramemv2: official mem_key_expand_time (grid keys = this x window keys)
     mem_norm: str = "rms"  # TDQKR query/key norm
+    mem_prefilter_quadrants: int = 1  # ultramem/ultramemv2 rank-1 prefilter: 1 as the papers, 2 both sign quadrants
     mem_tucker_penalty: float = 0.0  # UltraMem Eq. 17 weight (0.001 in UltraMem)
     mem_balance_loss: float = 0.0  # UltraMemV2 key-balance weight (0 in the paper)
     share_ratio: float | None = None  # ultramemv2: None -> one table per layer; else ring_layout
@@ -121,6 +122,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.moe_topk={self.moe_topk} must be <= n_experts={self.n_experts}")
         if self.share_ratio is not None and self.ffn != "ultramemv2":
             raise ValueError(f"ModelConfig.share_ratio is for ffn='ultramemv2' only, got ffn={self.ffn!r}")
+        if self.mem_prefilter_quadrants != 1 and self.ffn not in ("ultramem", "ultramemv2"):
+            raise ValueError(f"ModelConfig.mem_prefilter_quadrants is for ffn='ultramem' or 'ultramemv2' only, "
+                             f"got ffn={self.ffn!r}")
         if not self.mem_share_values and self.ffn != "memoryplus":
             raise ValueError(f"ModelConfig.mem_share_values=False is for ffn='memoryplus' only, got ffn={self.ffn!r}")
         self.d_ff = self.d_ff or default_d_ff(self.d_model)
@@ -179,7 +183,8 @@ def memory_config(cfg: ModelConfig) -> PKMConfig | UltraMemConfig | UltraMemV2Co
         return PKMConfig(d_model=cfg.d_model, n_keys=cfg.mem_n_keys, d_key=cfg.mem_d_key, heads=cfg.mem_heads,
                          topk=cfg.mem_topk, query_norm=cfg.mem_query_norm, d_value=d_value, backend=cfg.backend)
     tucker = dict(d_model=cfg.d_model, d_key=cfg.mem_d_key, rank=cfg.mem_rank, cores=cfg.mem_cores,
-                  topm=cfg.mem_topk, norm=cfg.mem_norm, tucker_penalty=cfg.mem_tucker_penalty,
+                  topm=cfg.mem_topk, norm=cfg.mem_norm, prefilter_quadrants=cfg.mem_prefilter_quadrants,
+                  tucker_penalty=cfg.mem_tucker_penalty,
                   balance_loss=cfg.mem_balance_loss, backend=cfg.backend)
     if cfg.ffn == "ultramem":
         return UltraMemConfig(**tucker, n_keys=cfg.mem_n_keys, heads=cfg.mem_heads, d_value=cfg.mem_d_value,

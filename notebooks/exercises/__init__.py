@@ -24,13 +24,17 @@ def pick(gen: torch.Generator, *options):
     return options[int(torch.randint(0, len(options), (), generator=gen))]
 
 
-def uses_package(variant: Callable, *functions: Callable, instead: str) -> Mistake:
-    """The method mistake of calling the package's own implementation of the exercise."""
+def uses_package(variant: Callable, *functions: Callable, instead: str, when: Callable[[dict], bool] | None = None,
+                 how: str = "") -> Mistake:
+    """The method mistake of calling the package's own implementation of the exercise.
+
+    ``when`` restricts the rule to calls whose arguments satisfy it (``how`` describes them).
+    """
     names = ", ".join(f"{f.__module__.split('.')[-1]}.{f.__name__}" for f in functions)
     return Mistake("uses_package_function", variant,
-                   f"you called {names}, the reference implementation this exercise asks you to write; "
+                   f"you called {names}{how}, the reference implementation this exercise asks you to write; "
                    f"{instead}",
-                   Rule("no_calls", f"do not call {names}", calls=functions))
+                   Rule("no_calls", f"do not call {names}{how}", calls=functions, when=when))
 
 
 def no_tensor_with(text: str, predicate: Callable[[tuple], Callable[[torch.Tensor], bool]]) -> Rule:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from umv2_ref import retrieval
 from umv2_ref.exercises.harness import Mistake, register
 from umv2_ref.retrieval import rank1_factors, tucker_grid, tucker_rank_penalty, tucker_topk
 
@@ -102,8 +103,8 @@ def _masked_topk(grid, mask, m):
 
 
 def _union_reference(s_row, s_col, cores, u, v, m, k):
-    mask = _candidate_mask(s_row, s_col, u, v, k) | _candidate_mask(s_row, s_col, -u, -v, k)
-    return _masked_topk(_summed_grid(s_row, s_col, cores), mask, m)
+    scores, idx = tucker_topk(s_row, s_col, cores, m, k=k, rank1=(u, v), quadrants=2)
+    return scores.sum(-1), idx
 
 
 def _union_with_duplicates(s_row, s_col, cores, u, v, m, k):
@@ -138,12 +139,15 @@ register(
         Mistake("one_sided_flip", _union_flipped_pairs,
                 "you combined (u, -v) and (-u, v): a one-sided flip proposes the slots with the most "
                 "negative rank-1 score; flip u and v jointly."),
+        uses_package(_union_reference, tucker_topk, retrieval._prefilter, how=" with quadrants=2",
+                     when=lambda call: call.get("quadrants", 1) == 2,
+                     instead="merge the two quadrants' results yourself (tucker_topk with one quadrant is fine)."),
     ],
     spec="s_row, s_col [B, n, r] float32, cores [c, r, r], u, v [r], m, k ints (k may exceed n/2) -> "
          "(summed scores [B, m] float32 descending, slot ids [B, m] int64 = i * n + j, each slot once), "
          "the top-m of the union of the candidates of (u, v) and (-u, -v).",
     outputs=("scores", "slot ids"),
-    fingerprints=(r"both_\w+\.gather\(",),
+    fingerprints=(r"both_\w+\.gather\(", r"quadrants\s*=\s*2"),
 )
 
 
@@ -215,7 +219,8 @@ register(
                 "([B, k, r] each) and contract those with the summed core.",
                 no_tensor_with("never build a tensor with n x n scores per query", divisible_by(
                     lambda a: a[0].shape[1] ** 2))),
-        uses_package(_prefilter_reference, tucker_topk, instead="write the two top-k, the gather and the rescoring."),
+        uses_package(_prefilter_reference, tucker_topk, retrieval._prefilter,
+                     instead="write the two top-k, the gather and the rescoring."),
     ],
     spec="s_row, s_col [B, n, r] float32, cores [c, r, r], rank-1 pair u, v [r], m, k ints -> (summed "
          "scores [B, m] float32 descending, slot ids [B, m] int64 = i * n + j); no n x n grid.",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import io
 import os
 import pickle
@@ -51,7 +52,8 @@ class _Timeout(BaseException):
 class Rule:
     """A method constraint.  ``kind`` is one of
 
-    * ``"no_calls"``: none of ``calls`` (Python functions, e.g. the package's own implementation) may run;
+    * ``"no_calls"``: none of ``calls`` (Python functions, e.g. the package's own implementation) may run
+      (with ``when``: no call whose arguments -- the callee's locals at entry -- satisfy ``when``);
     * ``"no_ops"``: none of the aten ops named in ``ops`` may run (``"index_put_accumulate"`` stands for
       ``index_put_(..., accumulate=True)`` and ``put_(..., accumulate=True)``);
     * ``"needs_ops"``: at least one of ``ops`` must run;
@@ -68,6 +70,7 @@ class Rule:
     ops: frozenset = frozenset()
     alloc: Callable[[tuple], Callable[[torch.Tensor], bool]] | None = None
     size: Callable[[tuple], int] | None = None
+    when: Callable[[dict], bool] | None = None
 
 
 _ACCUMULATING_PUT = {"index_put_", "index_put", "_index_put_impl_", "_index_put_impl", "put_", "put"}
@@ -119,6 +122,13 @@ def _triton_runtime_dir() -> str | None:
     return os.path.join(os.path.dirname(os.path.abspath(mod.__file__)), "runtime")
 
 
+def _safe_when(when: Callable[[dict], bool], arguments: dict) -> bool:
+    try:
+        return bool(when(arguments))
+    except Exception:
+        return False
+
+
 @contextlib.contextmanager
 def _watch(rules: tuple[Rule, ...], args: tuple):
     """Context that yields a function returning the indices of violated rules."""
@@ -140,7 +150,7 @@ def _watch(rules: tuple[Rule, ...], args: tuple):
         if event == "call":
             code = frame.f_code
             hit = codes.get(code)
-            if hit is not None:
+            if hit is not None and (rules[hit].when is None or _safe_when(rules[hit].when, frame.f_locals)):
                 called.add(hit)
             if runtime_dir and code.co_name == "run" and code.co_filename.startswith(runtime_dir):
                 launched.append(True)
@@ -330,7 +340,11 @@ def _send(fd: int, obj: Any) -> None:
 
 def _child(fn: Callable, inputs: list[tuple], rules: tuple[Rule, ...], fd: int) -> None:
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
-    captured = io.StringIO()
+    faulthandler.disable()  # a crash is reported by the parent, not dumped on the terminal
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    captured = io.StringIO()  # Python-level prints come back with the results
     sys.stdout = sys.stderr = captured
 
     def sink(trial: Trial) -> None:

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import umv2_ref
-from umv2_ref.exercises import REGISTRY, STATUSES, check, definitions_dir, grade, leaks
+from umv2_ref.exercises import LOAD_ERRORS, REGISTRY, STATUSES, check, definitions_dir, grade, leaks
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "notebooks" / "solutions"
@@ -52,6 +52,7 @@ def source_of(name: str) -> Path:
 
 
 def test_registry_covers_every_notebook():
+    assert not LOAD_ERRORS, LOAD_ERRORS
     per_notebook = {f"{i:02d}": 0 for i in range(1, 9)}
     for ex in REGISTRY.values():
         per_notebook[ex.notebook] += 1

@@ -6,6 +6,7 @@ reference package.  Every known-wrong answer carries a hint that says what the m
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -30,11 +31,19 @@ def uses_package(variant: Callable, *functions: Callable, instead: str, when: Ca
 
     ``when`` restricts the rule to calls whose arguments satisfy it (``how`` describes them).
     """
-    names = ", ".join(f"{f.__module__.split('.')[-1]}.{f.__name__}" for f in functions)
+    modules = {f.__module__ for f in functions}
+    if len(functions) > 3 and len(modules) == 1:
+        names = f"a function of {modules.pop()}"
+    else:
+        names = ", ".join(f"{f.__module__.split('.')[-1]}.{f.__name__}" for f in functions)
     return Mistake("uses_package_function", variant,
-                   f"you called {names}{how}, the reference implementation this exercise asks you to write; "
-                   f"{instead}",
+                   f"you called {names}{how}, which computes what this exercise asks you to write; {instead}",
                    Rule("no_calls", f"do not call {names}{how}", calls=functions, when=when))
+
+
+def module_functions(module) -> tuple[Callable, ...]:
+    """Every function defined in ``module`` (for "use no function of umv2_ref.X")."""
+    return tuple(f for f in vars(module).values() if inspect.isfunction(f) and f.__module__ == module.__name__)
 
 
 def no_tensor_with(text: str, predicate: Callable[[tuple], Callable[[torch.Tensor], bool]]) -> Rule:

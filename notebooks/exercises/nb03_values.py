@@ -14,7 +14,7 @@ from umv2_ref import costs
 from umv2_ref.exercises.harness import Mistake, register
 from umv2_ref.values import expanded_lookup, weighted_sum
 
-from . import divisible_by, draw, no_tensor_with, pick, uses_package
+from . import divisible_by, draw, module_functions, no_tensor_with, pick, uses_package
 
 
 def _expansion_inputs(gen: torch.Generator):
@@ -256,8 +256,7 @@ register(
                 "you forgot the full-core rescoring of the k x k candidates, c (k r^2 + k^2 r)."),
         Mistake("no_pre_projection", _macs_no_pre_projection,
                 "you forgot the pre-projection W_pre x (d D_p multiply-adds)."),
-        uses_package(_macs_reference, costs.ultramemv2_cost, costs.tucker_retrieval_cost,
-                     instead="add up the terms yourself."),
+        uses_package(_macs_reference, *module_functions(costs), instead="add up the terms yourself."),
     ],
     spec="d, n_keys, d_key, rank, cores, topm, d_pre, d_value, k: ints -> int, MACs per token with per-rank "
          "queries and k candidates per axis.",

@@ -15,7 +15,7 @@ import torch
 from umv2_ref import init
 from umv2_ref.exercises.harness import Mistake, register
 
-from . import uses_package
+from . import module_functions, uses_package
 
 
 def _ints(gen: torch.Generator, low: int, high: int, size: int) -> torch.Tensor:
@@ -83,8 +83,7 @@ register(
                 "you counted one small-init projection (0.4); two are in the path, W_pre and W_v: 0.16 = 0.4^2."),
         Mistake("no_value_width", _memory_no_value_width,
                 "you forgot that W_v sums d_v pooled coordinates: the output variance has a factor d_v * 0.4 / h."),
-        uses_package(_memory_package, init.memory_output_variance, init.predict_memory_variance,
-                     instead="multiply the five steps' factors yourself."),
+        uses_package(_memory_package, *module_functions(init), instead="multiply the five steps' factors yourself."),
     ],
     spec="sigma_p, sigma_v, score_m2 = E[s^2], d_model (h), topm (k), d_pre, d_value: float64 tensors [B] -> "
          "[B] float64 output variance of one memory head at init (small-init W_pre and W_v).",
@@ -196,8 +195,7 @@ register(
                 "you used 1 + E[s^2]; the score's second moment is given, E[s^2] itself multiplies the variance."),
         Mistake("no_projection_factor", _value_std_no_projections,
                 "you dropped the 0.16 = 0.4 * 0.4 of the two small-init projections W_pre and W_v."),
-        uses_package(_value_std_package, init.memory_output_variance, init.value_std,
-                     instead="invert your Eq. 22 by hand."),
+        uses_package(_value_std_package, *module_functions(init), instead="invert your Eq. 22 by hand."),
     ],
     spec="ffn_var (the variance to match), d_model (h), topm (k), d_pre, d_value, score_m2 = E[s^2]: float64 "
          "tensors [B] -> [B] float64 sigma_V (pre-values and values share it) such that the memory branch's "

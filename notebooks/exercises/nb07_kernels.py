@@ -15,7 +15,6 @@ place -- and the method mistakes (no Triton kernel, atomics, no sort).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from umv2_ref.exercises.harness import Mistake, Rule, register
 
@@ -191,9 +190,11 @@ def _grad_sorted_then_atomic(n_rows, idx, w, g):
     return torch.zeros(n_rows, g.shape[1]).index_add_(0, rows, contrib)
 
 
-def _grad_one_hot(n_rows, idx, w, g):
-    contrib = (w[..., None] * g[:, None, :]).flatten(0, 1)  # [T*k, D]
-    return F.one_hot(idx.flatten(), n_rows).T.to(contrib.dtype) @ contrib
+def _grad_unstable_sort(n_rows, idx, w, g):
+    rows, order = idx.flatten().sort()  # not stable: equal rows in an unspecified order
+    contrib = w.flatten()[order, None] * g[order // idx.shape[1]]
+    bounds = torch.searchsorted(rows, torch.arange(n_rows + 1)).tolist()
+    return torch.stack([contrib[s:e].sum(0) for s, e in zip(bounds[:-1], bounds[1:])])
 
 
 _ATOMIC_OPS = frozenset({"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce",
@@ -216,11 +217,13 @@ register(
                 "of the sorted pairs instead (torch.searchsorted for the bounds, then slices or a cumsum).",
                 Rule("no_ops", "no atomic-style accumulation (index_add_, scatter_add_, index_put_(accumulate="
                      "True), ...)", ops=_ATOMIC_OPS)),
-        Mistake("no_sort", _grad_one_hot,
-                "right values, but without sorting the (token, slot) pairs by row: the exercise asks for the "
-                "sort + segment-sum algorithm (a dense one-hot product costs N * T * k * D).",
-                Rule("needs_ops", "stable-sort the flattened indices (torch.sort / argsort)",
-                     ops=frozenset({"sort", "argsort", "msort"}))),
+        Mistake("no_stable_sort", _grad_unstable_sort,
+                "right values, but without a *stable* sort of the (token, slot) pairs by row "
+                "(torch.sort(..., stable=True)): an unstable sort -- or none, e.g. a dense one-hot product -- "
+                "leaves the order in which a row's contributions are added unspecified, and the point of "
+                "this algorithm is a fixed order (bitwise reproducible sums).",
+                Rule("needs_ops", "stable-sort the flattened indices (sort or argsort with stable=True)",
+                     ops=frozenset({"sort_stable"}))),
     ],
     spec="n_rows N int, idx [T, k] int64, w [T, k] float32, g [T, D] float32 -> dV [N, D] float32, dV[i] = sum "
          "over (t, k) with idx[t, k] == i of w[t, k] * g[t]; by stable sort + segment sums, no atomics.",

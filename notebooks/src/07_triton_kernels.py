@@ -346,8 +346,8 @@ print(f"rows read by more than one pair: {(counts > 1).float().mean():.0%}")
 # $dV[i] = \sum_{(t,k):\, idx_{tk} = i} w_{tk}\, g_t$ as `[n_rows, D]`, the way
 # `_scatter_sorted_kernel` does it: stable-sort the flattened indices, build the contributions in
 # sorted order, find each row's segment with `torch.searchsorted`, sum each segment (rows with an
-# empty segment get zeros).  The checker watches the tensor operations you use: it requires a sort
-# and refuses atomic-style accumulation (`index_add_`, `scatter_add_`, `index_put_(...,
+# empty segment get zeros).  The checker watches the tensor operations you use: it requires a stable
+# sort and refuses atomic-style accumulation (`index_add_`, `scatter_add_`, `index_put_(...,
 # accumulate=True)`), which is exactly what this algorithm avoids.
 # Solution: `notebooks/solutions/nb07_sorted_table_grad.py`.
 

@@ -13,12 +13,14 @@ import importlib.util
 import os
 import pkgutil
 import sys
+import warnings
 from pathlib import Path
 
 from ._run import Rule
 from .harness import REGISTRY, STATUSES, Alternative, Exercise, Mistake, Result, check, register
 
 DEFS_PACKAGE = "umv2_exercise_defs"
+LOAD_ERRORS: dict[str, str] = {}  # definition module -> why it could not be loaded (the tests require none)
 
 
 def definitions_dir() -> Path:
@@ -41,11 +43,15 @@ def load_definitions() -> dict[str, Exercise]:
     spec.loader.exec_module(package)
     for mod in sorted(pkgutil.iter_modules([str(root)]), key=lambda m: m.name):
         if mod.name.startswith("nb"):
-            importlib.import_module(f"{DEFS_PACKAGE}.{mod.name}")
+            try:  # one broken definition file must not take every notebook's checks down with it
+                importlib.import_module(f"{DEFS_PACKAGE}.{mod.name}")
+            except Exception as err:
+                LOAD_ERRORS[mod.name] = f"{type(err).__name__}: {err}"
+                warnings.warn(f"exercise definitions {root / mod.name}.py could not be loaded: {err}", stacklevel=2)
     return REGISTRY
 
 
 load_definitions()
 
-__all__ = ["REGISTRY", "STATUSES", "Alternative", "Exercise", "Mistake", "Result", "Rule", "check",
+__all__ = ["LOAD_ERRORS", "REGISTRY", "STATUSES", "Alternative", "Exercise", "Mistake", "Result", "Rule", "check",
            "definitions_dir", "load_definitions", "register"]

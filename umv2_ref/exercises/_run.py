@@ -55,7 +55,8 @@ class Rule:
     * ``"no_calls"``: none of ``calls`` (Python functions, e.g. the package's own implementation) may run
       (with ``when``: no call whose arguments -- the callee's locals at entry -- satisfy ``when``);
     * ``"no_ops"``: none of the aten ops named in ``ops`` may run (``"index_put_accumulate"`` stands for
-      ``index_put_(..., accumulate=True)`` and ``put_(..., accumulate=True)``);
+      ``index_put_(..., accumulate=True)`` and ``put_(..., accumulate=True)``, ``"sort_stable"`` for a
+      sort with ``stable=True``);
     * ``"needs_ops"``: at least one of ``ops`` must run;
     * ``"no_alloc"``: ``alloc(args)`` returns a predicate on tensors; no tensor the function allocates
       may satisfy it (views of existing storage do not count);
@@ -105,6 +106,9 @@ class _OpTracker(TorchDispatchMode):
         self.count += 1
         if name in _ACCUMULATING_PUT and kwargs.get("accumulate", args[3] if len(args) > 3 else False) is True:
             self.ops.add("index_put_accumulate")
+        if name == "sort" and kwargs.get("stable", args[1] if len(args) > 1 and isinstance(args[1], bool)
+                                         else False) is True:
+            self.ops.add("sort_stable")
         if self.predicates:
             inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
                       if isinstance(t, torch.Tensor)}

@@ -234,7 +234,16 @@ def test_check_never_raises_on_odd_behaviour():
     def recurses(*a):
         return recurses(*a)
 
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no str")
+
+    def raises_unprintable(*a):
+        raise Unprintable()
+
     assert check("nb01_product_key_topk", exits, verbose=False).status == "mismatch"
+    res = check("nb01_product_key_topk", raises_unprintable, verbose=False)
+    assert res.status == "mismatch" and "Unprintable" in res.message
     res = check("nb01_product_key_topk", recurses, verbose=False)
     assert res.status == "mismatch" and "RecursionError" in res.message
     assert check("nb01_product_key_topk", 42, verbose=False).status == "mismatch"

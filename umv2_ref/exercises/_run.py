@@ -228,6 +228,14 @@ def learner_frames(err: BaseException, keep: int = 2) -> str:
     return "\n".join(lines)
 
 
+def _describe_error(err: BaseException, limit: int = 600) -> str:
+    try:
+        text = f"{type(err).__name__}: {err}"
+    except Exception:  # an exception whose str() raises
+        text = type(err).__name__
+    return text if len(text) <= limit else text[:limit] + f" ... ({len(text) - limit} more characters)"
+
+
 def _clone(args: tuple) -> tuple:
     return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
@@ -244,7 +252,7 @@ def run_trial(fn: Callable, args: tuple, rules: tuple[Rule, ...]) -> Trial:
     except (_Timeout, KeyboardInterrupt):
         raise
     except BaseException as err:  # the learner's bug (SystemExit included): report it, never crash the notebook
-        return Trial("raised", error=f"{type(err).__name__}: {err}", frame=learner_frames(err),
+        return Trial("raised", error=_describe_error(err), frame=learner_frames(err),
                      seconds=time.perf_counter() - start)
     try:  # copy the output now: the learner's code may mutate it later
         out = to_cpu(out)

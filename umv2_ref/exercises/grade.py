@@ -75,7 +75,7 @@ def notebook_exercises(path: Path, nb) -> list[str]:
             for found in re.findall(r"check\(\s*[\"'](\w+)[\"']", cell.source):
                 if found in REGISTRY and found not in names:
                     names.append(found)
-    return sorted(names)
+    return names  # in the notebook's order (the order the definitions register them)
 
 
 def _kernel_manager():
@@ -127,16 +127,18 @@ def grade_notebook(path: Path, cell_timeout: float, check_timeout: float | None)
 
 def grade_solutions() -> list[Row]:
     rows = []
-    for name in sorted(REGISTRY):
+    for name in REGISTRY:
         path = SOLUTIONS / f"{name}.py"
         if not path.exists():
-            rows.append(Row(f"solutions/{name}.py", name, "not attempted", message="no solution file"))
+            rows.append(Row(f"solutions, notebook {REGISTRY[name].notebook}", name, "not attempted",
+                            message="no solution file"))
             continue
         spec = importlib.util.spec_from_file_location(f"umv2_solution_{name}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         res = check(name, module.solution, verbose=False)
-        rows.append(Row(f"solutions/{name}.py", name, res.status, res.mistake or "", res.message))
+        rows.append(Row(f"solutions, notebook {REGISTRY[name].notebook}", name, res.status, res.mistake or "",
+                        res.message))
     return rows
 
 

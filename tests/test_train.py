@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from umv2_ref.optim import value_lr_multiplier
+from umv2_ref.checkpoint import rng_state
 from umv2_ref.model import ModelConfig, TinyLM
 from umv2_ref.train import (CheckpointError, TaskData, TrainConfig, build_parser, config_from, evaluate, load_model,
                             make_checkpoint, save_checkpoint, train)
@@ -171,7 +172,8 @@ def test_load_model_round_trip_gives_bitwise_identical_logits(tmp_path, kind):
     model.eval()
     optimizer = torch.optim.AdamW(model.parameters())
     identity = {"train": {}, "model": dataclasses.asdict(cfg), "task": {}}
-    save_checkpoint(tmp_path / "checkpoint.pt", make_checkpoint(identity, 0, model, optimizer, {}, {}))
+    rng = rng_state(torch.Generator())
+    save_checkpoint(tmp_path / "checkpoint.pt", make_checkpoint(identity, 0, model, optimizer, rng, {}))
     tokens = torch.randint(64, (3, 16))
     rng_before = torch.get_rng_state()
     loaded = load_model(tmp_path)  # the run directory ...

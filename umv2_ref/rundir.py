@@ -96,7 +96,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             os.unlink(tmp)
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(err.errno, f"no space left to write {path} ({free_space(path.parent)}); "
-                                f"the previous {path.name} is unchanged") from None
+                                f"{path.name} keeps its previous content") from None
         raise
     _fsync_dir(path.parent)
 

@@ -328,7 +328,7 @@ class Run:
         if self.world > 1:
             dist.barrier()
 
-    def evaluate(self, step: int, batches: list) -> None:
+    def record_eval(self, step: int, batches: list) -> None:
         if self.rank == 0:
             scalars, layers, counts = evaluate(self.model, batches)
             self.results["history"]["val"].append({"step": step, **scalars})
@@ -344,7 +344,7 @@ class Run:
         done = saved = self.start
         with StopFlag() as stop:  # also covers the final saves: a signal then only sets the flag
             if self.start == 0:
-                self.evaluate(0, eval_batches)
+                self.record_eval(0, eval_batches)
             if rank == 0 and cfg.progress:
                 print(f"training {cfg.model}/{cfg.task}: steps {self.start}..{cfg.steps} ({world} process(es), "
                       f"{results['params']['params']:,} parameters); Ctrl-C saves and stops", file=sys.stderr, flush=True)
@@ -359,7 +359,7 @@ class Run:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 done = step + 1
                 if done % cfg.eval_every == 0 or done == cfg.steps:
-                    self.evaluate(done, eval_batches)
+                    self.record_eval(done, eval_batches)
                     self.checkpoint(done)
                     saved = done
                 signum = stop.agreed(world)
@@ -368,7 +368,7 @@ class Run:
                     break
             bar.close()
             if saved != done:  # stopped between evaluations (stop_at or a signal): evaluate and save now
-                self.evaluate(done, eval_batches)
+                self.record_eval(done, eval_batches)
                 self.checkpoint(done)
             if results["interrupted"] and rank == 0:
                 print(f"stopped at step {done}; continue with --resume --out {cfg.out}" if self.out else

@@ -200,6 +200,9 @@ def test_load_model_refuses_bad_paths_and_files(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="damaged or truncated"):
         load_model(tmp_path / "garbage.pt")
+    (tmp_path / "run" / "checkpoint.pt").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_model(tmp_path / "run")  # its checkpoint.pt is a directory
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="not a umv2_ref.train checkpoint"):
         load_model(tmp_path / "list.pt")

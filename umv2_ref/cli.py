@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = _parse_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else "{}"
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f.metadata["help"]
+        if f.default not in (None, dataclasses.MISSING) and "default" not in help_text:
+            help_text += f" (default: {f.default})"
         if kind is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is dict:

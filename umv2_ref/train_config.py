@@ -45,7 +45,7 @@ class TrainConfig:
     batch_size: int = _field(16, "global batch (split across torchrun processes)")
     seq_len: int | None = _field(None, "tokens per example (default: 64 for text, the task's own length otherwise)")
     lr: float = _field(3e-3, "peak AdamW learning rate")
-    weight_decay: float = _field(0.1, "AdamW weight decay (not applied to norms, biases, memory values)")
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices and memory values; not norms, biases, Tucker cores)")
     warmup: int | None = _field(None, "linear-warmup steps, 0..steps (default: steps // 10, at least 1)")
     min_lr_frac: float = _field(0.1, "cosine floor as a fraction of lr, in [0, 1] (UltraMem Table 4: 0.1)")
     grad_clip: float = _field(1.0, "gradient-norm clipping threshold")

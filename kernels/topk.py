@@ -100,6 +100,21 @@ def _ordered(x):
 
 
 @triton.jit
+def _round(x, DT: tl.constexpr):
+    """``x`` (fp32 / fp64) rounded to the input dtype DT and back, to nearest even.
+
+    bf16 is rounded with integer ops: Triton's interpreter truncates fp32 -> bf16 casts (the GPU
+    rounds), so the explicit form keeps interpreter and GPU bit-identical.
+    """
+    if DT == tl.bfloat16:
+        b = x.to(tl.int32, bitcast=True)
+        y = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(DT).to(x.dtype)
+    return y
+
+
+@triton.jit
 def _select(x, valid, need, row_id, col_id, n, FALSE_POSITION: tl.constexpr):
     """The ``need`` largest of ``x [A, B, Q, C, D]`` among ``valid``, by exact threshold.
 
@@ -206,7 +221,7 @@ def _axis_candidates(
     a = tl.full((EB, 1, 1, 1, NT), 0, ACC)  # rank-1 axis score, rounded like the reference's s @ w
     for j in tl.static_range(R):
         a += tl.load(s_ptr + key * s_n + j * s_r, mask=ok, other=0.0).to(ACC) * tl.load(w_ptr + j).to(ACC)
-    a = a.to(s_ptr.dtype.element_ty).to(ACC)
+    a = _round(a, s_ptr.dtype.element_ty)
     keep, slot, theta, tau = _select(a, ok, K, 0, key, 0, False)
     tl.store(scratch + slot, key, mask=keep)
     if QUAD == 2:
@@ -228,12 +243,12 @@ def _pair_scores(row_ptr, s_rr, col_ptr, s_cr, cores_ptr, live, out_ptr,
             v = tl.full(live.shape, 0, ACC)  # (s_row[i] @ C_c)[b]
             for a in tl.static_range(R):
                 v += tl.load(row_ptr + a * s_rr, mask=live, other=0.0).to(ACC) * tl.load(cores_ptr + (c * R + a) * R + b).to(ACC)
-            s += v.to(DT).to(ACC) * tl.load(col_ptr + b * s_cr, mask=live, other=0.0).to(ACC)
-        s = s.to(DT)
+            s += _round(v, DT) * tl.load(col_ptr + b * s_cr, mask=live, other=0.0).to(ACC)
+        s = _round(s, DT)
         if STORE:
             tl.store(out_ptr + c, s.to(out_ptr.dtype.element_ty), mask=live)
-        total += s.to(ACC)
-    return total.to(DT).to(ACC)
+        total += s
+    return _round(total, DT)
 
 
 @triton.jit
@@ -279,9 +294,9 @@ def _tucker_topk_fwd_kernel(
             w = tl.full((), 0, ACC)
             for c in tl.static_range(C):
                 w += tl.load(cores_ptr + (c * R + a) * R + b).to(ACC)
-            p += tl.load(srow + rows * s_rn + a * s_rr, mask=live_r, other=0.0).to(ACC) * w.to(DT).to(ACC)
-        grid += p.to(DT).to(ACC) * tl.load(scol + cols * s_cn + b * s_cr, mask=live_c, other=0.0).to(ACC)
-    grid = grid.to(DT).to(ACC)
+            p += tl.load(srow + rows * s_rn + a * s_rr, mask=live_r, other=0.0).to(ACC) * _round(w, DT)
+        grid += _round(p, DT) * tl.load(scol + cols * s_cn + b * s_cr, mask=live_c, other=0.0).to(ACC)
+    grid = _round(grid, DT)
     valid = live_r & live_c
     if QUAD == 2:  # a (-,-) pair whose row and column are also (+,+) candidates is already there
         ar = tl.full(rows.shape, 0, ACC)
@@ -289,8 +304,8 @@ def _tucker_topk_fwd_kernel(
         for a in tl.static_range(R):
             ar += tl.load(srow + rows * s_rn + a * s_rr, mask=live_r, other=0.0).to(ACC) * tl.load(uv_ptr + a).to(ACC)
             ac += tl.load(scol + cols * s_cn + a * s_cr, mask=live_c, other=0.0).to(ACC) * tl.load(uv_ptr + R + a).to(ACC)
-        o_r = _ordered(ar.to(DT).to(ACC))
-        o_c = _ordered(ac.to(DT).to(ACC))
+        o_r = _ordered(_round(ar, DT))
+        o_c = _ordered(_round(ac, DT))
         in_r = ((o_r > th_r) | ((o_r == th_r) & (rows <= tau_r))) & (q == 1)  # a row of R- that is in R+
         in_c = (o_c > th_c) | ((o_c == th_c) & (cols <= tau_c))
         valid = valid & ~(in_r & in_c)
@@ -362,7 +377,7 @@ def _tucker_topk_bwd_kernel(
                 sc = tl.load(scol + col_y * s_cn + b * s_cr, mask=y < m, other=0.0).to(ACC)
                 d += g * tl.load(cores_ptr + (c * R + a) * R + b).to(ACC) * sc
         d = tl.reduce(tl.reduce(tl.where(same_r, d, 0.0), 3, _add), 1, _add)  # [MRB, BM/MRB] per row
-        tl.store(drow_ptr + t * n * R + (id_w // n) * R + a, d.to(drow_ptr.dtype.element_ty), mask=(xw < m) & first_r)
+        tl.store(drow_ptr + t * n * R + (id_w // n) * R + a, _round(d, drow_ptr.dtype.element_ty).to(drow_ptr.dtype.element_ty), mask=(xw < m) & first_r)
     for b in tl.static_range(R):  # d s_col[j, b] = sum_c g_c sum_a s_row[i, a] C_c[a, b]
         d = tl.full(y.shape, 0, ACC)
         for c in tl.static_range(C):
@@ -371,7 +386,7 @@ def _tucker_topk_bwd_kernel(
                 sr = tl.load(srow + row_y * s_rn + a * s_rr, mask=y < m, other=0.0).to(ACC)
                 d += g * tl.load(cores_ptr + (c * R + a) * R + b).to(ACC) * sr
         d = tl.reduce(tl.reduce(tl.where(same_c, d, 0.0), 3, _add), 1, _add)
-        tl.store(dcol_ptr + t * n * R + (id_w % n) * R + b, d.to(dcol_ptr.dtype.element_ty), mask=(xw < m) & first_c)
+        tl.store(dcol_ptr + t * n * R + (id_w % n) * R + b, _round(d, dcol_ptr.dtype.element_ty).to(dcol_ptr.dtype.element_ty), mask=(xw < m) & first_c)
     j = tl.arange(0, BLOCK_M)  # d cores[c, a, b] = sum over pairs g_c s_row[i, a] s_col[j, b]
     won = j < m
     slot = tl.load(idx_ptr + t * m + j, mask=won, other=0)
@@ -422,6 +437,47 @@ def bwd_meta(n: int, r: int, m: int) -> dict:
     mrb, mcb = _tile(block_m, 1, 32 * num_warps)
     return dict(BLOCK_N=triton.next_power_of_2(n), BLOCK_R=triton.next_power_of_2(r), BLOCK_M=block_m,
                 MRB=mrb, MCB=mcb, num_warps=num_warps)
+
+
+_TRITON_DTYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
+
+
+def aot_specs(n: int = 1024, r: int = 2) -> list[dict]:
+    """Every forward / backward specialisation the launcher uses at the target shape, for ``kernels.aot``.
+
+    Forward: k = m in {32, 128}, c in {1, 2}, quadrants 1 / 2, bf16 / fp32 (n = 1024 keys per axis,
+    rank r = 2).  Backward: m in {32, 128}, c in {1, 2}, bf16 / fp32.  Strides are runtime ``i32``
+    here; the JIT additionally specialises a stride of 1 (the layers' permuted ``s_row`` view has
+    ``stride(1) == 1``), so these numbers are a slight upper bound.
+    """
+    specs = []
+    strides = {s: "i32" for s in ("s_rt", "s_rn", "s_rr", "s_ct", "s_cn", "s_cr")}
+    for dtype in (torch.bfloat16, torch.float32):
+        dt = _TRITON_DTYPES[dtype]
+        for km in (32, 128):
+            for c in (1, 2):
+                for quadrants in (1, 2):
+                    meta = fwd_meta(n, km, km, quadrants)
+                    warps = meta.pop("num_warps")
+                    consts = dict(R=r, C=c, QUAD=quadrants, ACC=_acc(dtype), **meta)
+                    sig = dict(srow_ptr=dt, scol_ptr=dt, cores_ptr=dt, uv_ptr=dt, score_ptr=dt, idx_ptr="*i64",
+                               scratch_ptr="*i32", total_ptr="*fp32", **strides, **{name: "constexpr" for name in consts})
+                    specs.append(dict(
+                        name=f"tucker_topk_fwd_{dt[1:]}_k{km}_m{km}_c{c}_q{quadrants}", fn=_tucker_topk_fwd_kernel,
+                        signature=sig, constexprs=consts, num_warps=warps, num_stages=1,
+                        budget={"max_registers": 255, "max_spill_bytes": 0},
+                        note=f"fused prefilter + top-m, n={n}, r={r}: one program per token"))
+            meta = bwd_meta(n, r, km)
+            warps = meta.pop("num_warps")
+            for c in (1, 2):
+                consts = dict(R=r, C=c, ACC=_acc(dtype), **meta)
+                sig = dict(grad_ptr=dt, idx_ptr="*i64", srow_ptr=dt, scol_ptr=dt, cores_ptr=dt, drow_ptr=dt, dcol_ptr=dt,
+                           dcores_ptr="*fp32", n="i32", m="i32", **strides, **{name: "constexpr" for name in consts})
+                specs.append(dict(
+                    name=f"tucker_topk_bwd_{dt[1:]}_m{km}_c{c}", fn=_tucker_topk_bwd_kernel, signature=sig,
+                    constexprs=consts, num_warps=warps, num_stages=1, budget={"max_registers": 255, "max_spill_bytes": 0},
+                    note=f"backward from the m selected pairs, n={n}, r={r}"))
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from umv2_ref.checks import require_positive_int
+from umv2_ref.checks import require_float, require_positive_int, require_tensor
 from umv2_ref.retrieval import _check_tucker, rank1_factors
 from umv2_ref.retrieval import tucker_topk as reference_tucker_topk
 
@@ -252,12 +252,31 @@ def _pair_scores(row_ptr, s_rr, col_ptr, s_cr, cores_ptr, live, out_ptr,
 
 
 @triton.jit
+def _grid_value(row_ptr, s_rr, col_ptr, s_cr, cores_ptr, live_r, live_c,
+                R: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
+    """Ranking value ``s_row[i] (sum_c C_c) s_col[j]`` for broadcastable row / column pointers, rounded
+    where the reference's ``sr @ cores.sum(0) @ sc^T`` rounds (the sum of cores, the row factor, the value)."""
+    DT: tl.constexpr = row_ptr.dtype.element_ty
+    value = 0.0
+    for b in tl.static_range(R):
+        p = tl.full(live_r.shape, 0, ACC)  # (s_row[i] @ W)[b], W = sum_c C_c
+        for a in tl.static_range(R):
+            w = tl.full((), 0, ACC)
+            for c in tl.static_range(C):
+                w += tl.load(cores_ptr + (c * R + a) * R + b).to(ACC)
+            p += tl.load(row_ptr + a * s_rr, mask=live_r, other=0.0).to(ACC) * _round(w, DT)
+        value += _round(p, DT) * tl.load(col_ptr + b * s_cr, mask=live_c, other=0.0).to(ACC)
+    return _round(value, DT)
+
+
+@triton.jit
 def _tucker_topk_fwd_kernel(
     srow_ptr, scol_ptr, cores_ptr, uv_ptr, score_ptr, idx_ptr, scratch_ptr, total_ptr,
     s_rt, s_rn, s_rr, s_ct, s_cn, s_cr,
     N: tl.constexpr, K: tl.constexpr, M: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     QUAD: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    SCRATCH: tl.constexpr, EB: tl.constexpr, NT: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr,
+    SCRATCH: tl.constexpr, WIN: tl.constexpr, EB: tl.constexpr, NT: tl.constexpr, RB: tl.constexpr,
+    CB: tl.constexpr,
 ):
     """One token: prefilter -> [QUAD, k, k] grid -> top m -> per-core scores in summed-score order."""
     DT: tl.constexpr = srow_ptr.dtype.element_ty  # the reference rounds to this where its matmuls do
@@ -270,55 +289,56 @@ def _tucker_topk_fwd_kernel(
     th_r, tau_r = _axis_candidates(srow, s_rn, s_rr, uv_ptr, scratch, N, K, R, QUAD, ACC, BLOCK_K, EB, NT)
     th_c, tau_c = _axis_candidates(scol, s_cn, s_cr, uv_ptr + R, scratch + QUAD * BLOCK_K,
                                    N, K, R, QUAD, ACC, BLOCK_K, EB, NT)
-    tl.debug_barrier()  # the compacted keys, written by other threads, are read below
+    tl.debug_barrier()  # the compacted keys, written by other threads, are read below (scratch[WIN:] is free)
 
-    # 2. candidate grid [RB, CB, QUAD, NR, NC]: element (rj, cj, q, ri, ci) pairs candidate row
-    #    i = ri * RB + rj with candidate column j = ci * CB + cj of quadrant q, so each thread
-    #    holds an RB x CB tile and needs only RB row and CB column factors
-    q = tl.arange(0, QUAD)[None, None, :, None, None]
+    # 2. per quadrant: the k x k candidate grid and its top m.  The grid is an [RB, CB, 1, NR, NC]
+    #    tensor: element (rj, cj, 0, ri, ci) pairs candidate row i = ri * RB + rj with candidate
+    #    column j = ci * CB + cj, so each thread holds an RB x CB tile and needs only RB row and
+    #    CB column factors.  The union's top m is the top m of the quadrants' top m (stage 3).
     i = tl.arange(0, RB)[:, None, None, None, None] + tl.arange(0, BLOCK_K // RB)[None, None, None, :, None] * RB
     j = tl.arange(0, CB)[None, :, None, None, None] + tl.arange(0, BLOCK_K // CB)[None, None, None, None, :] * CB
     if K == BLOCK_K:  # static all-true masks fold away
-        live_r = tl.full((RB, 1, QUAD, BLOCK_K // RB, 1), 1, tl.int1)
-        live_c = tl.full((1, CB, QUAD, 1, BLOCK_K // CB), 1, tl.int1)
+        live_r = tl.full(i.shape, 1, tl.int1)
+        live_c = tl.full(j.shape, 1, tl.int1)
     else:
-        live_r = (i < K) & (q < QUAD)  # [RB, 1, Q, NR, 1]
-        live_c = (j < K) & (q < QUAD)  # [1, CB, Q, 1, NC]
-    rows = tl.load(scratch + q * BLOCK_K + i, mask=live_r, other=0)  # candidate row keys
-    cols = tl.load(scratch + (QUAD + q) * BLOCK_K + j, mask=live_c, other=0)  # candidate column keys
-    tl.debug_barrier()  # scratch is reused for the winners
-    grid = tl.full((RB, CB, QUAD, BLOCK_K // RB, BLOCK_K // CB), 0, ACC)  # rounded like sr @ cores.sum(0) @ sc^T
-    for b in tl.static_range(R):
-        p = tl.full((RB, 1, QUAD, BLOCK_K // RB, 1), 0, ACC)  # (s_row[i] @ W)[b], W = sum_c C_c
-        for a in tl.static_range(R):
-            w = tl.full((), 0, ACC)
-            for c in tl.static_range(C):
-                w += tl.load(cores_ptr + (c * R + a) * R + b).to(ACC)
-            p += tl.load(srow + rows * s_rn + a * s_rr, mask=live_r, other=0.0).to(ACC) * _round(w, DT)
-        grid += _round(p, DT) * tl.load(scol + cols * s_cn + b * s_cr, mask=live_c, other=0.0).to(ACC)
-    grid = _round(grid, DT)
-    valid = live_r & live_c
-    if QUAD == 2:  # a (-,-) pair whose row and column are also (+,+) candidates is already there
-        ar = tl.full(rows.shape, 0, ACC)
-        ac = tl.full(cols.shape, 0, ACC)
-        for a in tl.static_range(R):
-            ar += tl.load(srow + rows * s_rn + a * s_rr, mask=live_r, other=0.0).to(ACC) * tl.load(uv_ptr + a).to(ACC)
-            ac += tl.load(scol + cols * s_cn + a * s_cr, mask=live_c, other=0.0).to(ACC) * tl.load(uv_ptr + R + a).to(ACC)
-        o_r = _ordered(_round(ar, DT))
-        o_c = _ordered(_round(ac, DT))
-        in_r = ((o_r > th_r) | ((o_r == th_r) & (rows <= tau_r))) & (q == 1)  # a row of R- that is in R+
-        in_c = (o_c > th_c) | ((o_c == th_c) & (cols <= tau_c))
-        valid = valid & ~(in_r & in_c)
-    keep, slot, _, _ = _select(grid, valid, M, rows, cols, N, True)
-    tl.store(scratch + slot, rows * N + cols, mask=keep)  # the m winners' flat slot ids
+        live_r = i < K  # [RB, 1, 1, NR, 1]
+        live_c = j < K  # [1, CB, 1, 1, NC]
+    for q in tl.static_range(QUAD):
+        rows = tl.load(scratch + q * BLOCK_K + i, mask=live_r, other=0)  # candidate row keys
+        cols = tl.load(scratch + (QUAD + q) * BLOCK_K + j, mask=live_c, other=0)  # candidate column keys
+        grid = _grid_value(srow + rows * s_rn, s_rr, scol + cols * s_cn, s_cr, cores_ptr, live_r, live_c, R, C, ACC)
+        valid = live_r & live_c
+        if q == 1:  # a (-,-) pair whose row and column are also (+,+) candidates is there already
+            ar = tl.full(rows.shape, 0, ACC)
+            ac = tl.full(cols.shape, 0, ACC)
+            for a in tl.static_range(R):
+                ar += tl.load(srow + rows * s_rn + a * s_rr, mask=live_r, other=0.0).to(ACC) * tl.load(uv_ptr + a).to(ACC)
+                ac += tl.load(scol + cols * s_cn + a * s_cr, mask=live_c, other=0.0).to(ACC) * tl.load(uv_ptr + R + a).to(ACC)
+            o_r = _ordered(_round(ar, DT))
+            o_c = _ordered(_round(ac, DT))
+            in_r = (o_r > th_r) | ((o_r == th_r) & (rows <= tau_r))  # the row is in R+ too
+            in_c = (o_c > th_c) | ((o_c == th_c) & (cols <= tau_c))
+            valid = valid & ~(in_r & in_c)
+        keep, slot, _, _ = _select(grid, valid, M, rows, cols, N, True)
+        tl.store(scratch + WIN + q * BLOCK_M + slot, rows * N + cols, mask=keep)  # flat slot ids
     tl.debug_barrier()
+    if QUAD == 2:  # 3. the top m of the 2 m quadrant winners, by the same value and tie rule
+        e = tl.arange(0, 2 * BLOCK_M)[None, None, None, None, :]  # [1, 1, 1, 1, 2 BM]
+        live = (e % BLOCK_M) < M
+        both = tl.load(scratch + WIN + e, mask=live, other=0)
+        value = _grid_value(srow + (both // N).to(tl.int64) * s_rn, s_rr, scol + (both % N).to(tl.int64) * s_cn,
+                            s_cr, cores_ptr, live, live, R, C, ACC)
+        keep, slot, _, _ = _select(value, live, M, 0, both, 0, False)
+        tl.debug_barrier()  # every thread has read the quadrant winners before they are overwritten
+        tl.store(scratch + WIN + slot, both, mask=keep)
+        tl.debug_barrier()
 
-    # 3. the winners' summed scores, then output order by counting rank: winners ahead of x have a
+    # 4. the winners' summed scores, then output order by counting rank: winners ahead of x have a
     #    larger summed score (rounded to the dtype, as the reference's scores.sum(-1)) or an equal
     #    one and a smaller id
     x = tl.arange(0, BLOCK_M)  # [BM] winner number, one per thread
     won = x < M
-    ids = tl.load(scratch + x, mask=won, other=0)  # [BM] flat slot ids
+    ids = tl.load(scratch + WIN + x, mask=won, other=0)  # [BM] flat slot ids
     row_ptr = srow + (ids // N).to(tl.int64) * s_rn
     col_ptr = scol + (ids % N).to(tl.int64) * s_cn
     out = score_ptr + (t * M + x) * C
@@ -328,7 +348,7 @@ def _tucker_topk_fwd_kernel(
     rank = tl.full((BLOCK_M,), 0, tl.int32)
     for y in range(M):
         t_y = tl.load(total_ptr + t * BLOCK_M + y)
-        id_y = tl.load(scratch + y)
+        id_y = tl.load(scratch + WIN + y)
         rank += ((t_y > total) | ((t_y == total) & (id_y < ids))).to(tl.int32)
     tl.store(idx_ptr + t * M + rank, ids.to(tl.int64), mask=won)
     _pair_scores(row_ptr, s_rr, col_ptr, s_cr, cores_ptr, won, score_ptr + (t * M + rank) * C, R, C, ACC, True)
@@ -423,11 +443,12 @@ def fwd_meta(n: int, k: int, m: int, quadrants: int, num_warps: int | None = Non
     """
     block_n, block_k, block_m = (triton.next_power_of_2(x) for x in (n, k, m))
     if num_warps is None:
-        num_warps = min(16, max(4, quadrants * block_k * block_k // 2048))
+        num_warps = min(16, max(4, block_k * block_k // 2048))
     threads = 32 * num_warps
     nt = min(block_n, threads)
-    rb, cb = _tile(block_k, quadrants, threads)
-    return dict(N=n, K=k, M=m, BLOCK_K=block_k, BLOCK_M=block_m, SCRATCH=max(2 * quadrants * block_k, block_m),
+    rb, cb = _tile(block_k, 1, threads)
+    win = 2 * quadrants * block_k  # scratch: per-axis candidates, then the winners at [WIN, WIN + QUAD * BM)
+    return dict(N=n, K=k, M=m, BLOCK_K=block_k, BLOCK_M=block_m, SCRATCH=win + quadrants * block_m, WIN=win,
                 EB=block_n // nt, NT=nt, RB=rb, CB=cb, num_warps=num_warps)
 
 
@@ -548,14 +569,23 @@ _topk_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_args(s_row, s_col, cores, m, k, rank1, quadrants) -> tuple[int, int, int]:
-    """The reference's validation (one call site), plus the kernel's own size limit. -> n, r, k."""
+    """The single validation call site: the reference's checks in the reference's order, then the
+    kernel's own limits (rank1 shape: the kernel reads r entries of each).  -> n, r, k."""
     n, r = _check_tucker(s_row, s_col, cores, m)
+    if isinstance(quadrants, bool) or not isinstance(quadrants, int) or quadrants not in (1, 2):
+        raise ValueError(f"quadrants must be 1 or 2, got {quadrants!r}")
     k = m if k is None else k
     require_positive_int("k", k)
     if k > n or k * k < m:
         raise ValueError(f"k (candidates per axis) must satisfy k <= n={n} and k*k >= m={m}; got k={k}")
-    if quadrants not in (1, 2):
-        raise ValueError(f"quadrants must be 1 or 2, got {quadrants!r}")
+    if rank1 is not None:
+        if not (isinstance(rank1, (tuple, list)) and len(rank1) == 2):
+            raise ValueError(f"rank1 must be a pair (u, v) of [r] tensors, got {type(rank1).__name__}")
+        for name, x in zip(("rank1[0]", "rank1[1]"), rank1):
+            require_tensor(name, x)
+            require_float(name, x)
+            if tuple(x.shape) != (r,):
+                raise ValueError(f"{name} must have shape [r] = [{r}], got {tuple(x.shape)}")
     if n > MAX_N:
         raise ValueError(f"kernels.tucker_topk needs n <= {MAX_N} keys per axis (int32 slot ids); got n={n}")
     return n, r, k
@@ -579,7 +609,7 @@ def tucker_topk(
     runs the reference full-grid scan.
     """
     if exact:
-        return reference_tucker_topk(s_row, s_col, cores, m, exact=True, k=k, rank1=rank1)
+        return reference_tucker_topk(s_row, s_col, cores, m, exact=True, k=k, rank1=rank1, quadrants=quadrants)
     n, r, k = _check_args(s_row, s_col, cores, m, k, rank1, quadrants)
     u, v = rank1_factors(cores) if rank1 is None else rank1
     uv = torch.stack([u.to(s_row.dtype), v.to(s_row.dtype)])  # [2, r]

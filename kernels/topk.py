@@ -218,10 +218,10 @@ def _axis_candidates(
         ok = tl.full((EB, 1, 1, 1, NT), 1, tl.int1)
     else:
         ok = key < N
-    a = tl.full((EB, 1, 1, 1, NT), 0, ACC)  # rank-1 axis score, rounded like the reference's s @ w
+    a = tl.full((EB, 1, 1, 1, NT), 0, ACC)  # rank-1 axis score s @ w, products and sum in ACC
     for j in tl.static_range(R):
         a += tl.load(s_ptr + key * s_n + j * s_r, mask=ok, other=0.0).to(ACC) * tl.load(w_ptr + j).to(ACC)
-    a = _round(a, s_ptr.dtype.element_ty)
+    # a stays unrounded: the reference ranks round(a); rounding is monotone (see module docstring)
     keep, slot, theta, tau = _select(a, ok, K, 0, key, 0, False)
     tl.store(scratch + slot, key, mask=keep)
     if QUAD == 2:
@@ -234,7 +234,7 @@ def _axis_candidates(
 def _pair_scores(row_ptr, s_rr, col_ptr, s_cr, cores_ptr, live, out_ptr,
                  R: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, STORE: tl.constexpr):
     """Per-core scores ``s_row[i] C_c s_col[j]`` of pairs ``[BM]``, rounded as the reference's einsum
-    (contraction over a first); stored at ``out_ptr + c`` if STORE.  Returns their rounded sum."""
+    (contraction over a first); stored at ``out_ptr + c`` if STORE.  Returns their sum (unrounded)."""
     DT: tl.constexpr = row_ptr.dtype.element_ty
     total = tl.full(live.shape, 0, ACC)
     for c in tl.static_range(C):
@@ -248,14 +248,15 @@ def _pair_scores(row_ptr, s_rr, col_ptr, s_cr, cores_ptr, live, out_ptr,
         if STORE:
             tl.store(out_ptr + c, s.to(out_ptr.dtype.element_ty), mask=live)
         total += s
-    return _round(total, DT)
+    return total  # not rounded: the reference orders by round(total), a coarser view of the same order
 
 
 @triton.jit
 def _grid_value(row_ptr, s_rr, col_ptr, s_cr, cores_ptr, live_r, live_c,
                 R: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
     """Ranking value ``s_row[i] (sum_c C_c) s_col[j]`` for broadcastable row / column pointers, rounded
-    where the reference's ``sr @ cores.sum(0) @ sc^T`` rounds (the sum of cores, the row factor, the value)."""
+    where the reference's ``sr @ cores.sum(0) @ sc^T`` rounds (the sum of cores, the row factor) except
+    the final rounding of the value."""
     DT: tl.constexpr = row_ptr.dtype.element_ty
     value = 0.0
     for b in tl.static_range(R):
@@ -266,7 +267,7 @@ def _grid_value(row_ptr, s_rr, col_ptr, s_cr, cores_ptr, live_r, live_c,
                 w += tl.load(cores_ptr + (c * R + a) * R + b).to(ACC)
             p += tl.load(row_ptr + a * s_rr, mask=live_r, other=0.0).to(ACC) * _round(w, DT)
         value += _round(p, DT) * tl.load(col_ptr + b * s_cr, mask=live_c, other=0.0).to(ACC)
-    return _round(value, DT)
+    return value  # not rounded: the reference ranks round(value), a coarser view of the same order
 
 
 @triton.jit
@@ -279,7 +280,6 @@ def _tucker_topk_fwd_kernel(
     CB: tl.constexpr,
 ):
     """One token: prefilter -> [QUAD, k, k] grid -> top m -> per-core scores in summed-score order."""
-    DT: tl.constexpr = srow_ptr.dtype.element_ty  # the reference rounds to this where its matmuls do
     t = tl.program_id(0).to(tl.int64)
     srow = srow_ptr + t * s_rt
     scol = scol_ptr + t * s_ct
@@ -314,8 +314,8 @@ def _tucker_topk_fwd_kernel(
             for a in tl.static_range(R):
                 ar += tl.load(srow + rows * s_rn + a * s_rr, mask=live_r, other=0.0).to(ACC) * tl.load(uv_ptr + a).to(ACC)
                 ac += tl.load(scol + cols * s_cn + a * s_cr, mask=live_c, other=0.0).to(ACC) * tl.load(uv_ptr + R + a).to(ACC)
-            o_r = _ordered(_round(ar, DT))
-            o_c = _ordered(_round(ac, DT))
+            o_r = _ordered(ar)
+            o_c = _ordered(ac)
             in_r = (o_r > th_r) | ((o_r == th_r) & (rows <= tau_r))  # the row is in R+ too
             in_c = (o_c > th_c) | ((o_c == th_c) & (cols <= tau_c))
             valid = valid & ~(in_r & in_c)

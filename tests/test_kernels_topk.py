@@ -45,29 +45,34 @@ def ranking_values(s_row, s_col, cores, idx):
 
 
 def contract_topk(s_row, s_col, cores, m, k, rank1=None, quadrants=1):
-    """Brute force of the tucker_topk contract, token by token (quadrants 1 or 2).
+    """Brute force of the tucker_topk contract with the kernel's explicit tie rule, token by token.
 
     Candidates: top-k rows of a = s_row @ u x top-k columns of b = s_col @ v, plus (quadrants=2) top-k
-    of -a x top-k of -b; the union, each pair once; ranked by the reference's grid value, ties by id;
-    output scores per core, ordered by their sum (ties by id).
+    of -a x top-k of -b; the union, each pair once; the top m by grid value; output scores per core,
+    ordered by their sum.  Values are compared *before* their final rounding to the input dtype (the
+    reference ranks the rounded values; rounding is monotone, so this is one of its possible orders),
+    then by the smaller index / slot id.
     """
     lead, (n, r) = s_row.shape[:-2], s_row.shape[-2:]
-    s_row, s_col = s_row.detach().reshape(-1, n, r), s_col.detach().reshape(-1, n, r)
+    dtype = s_row.dtype
+    s_row, s_col, cores = (x.detach() for x in (s_row.reshape(-1, n, r), s_col.reshape(-1, n, r), cores))
     u, v = retrieval.rank1_factors(cores) if rank1 is None else rank1
+    f = torch.float64 if dtype == torch.float64 else torch.float32
     out_s, out_i = [], []
     for t in range(s_row.shape[0]):
-        a, b = s_row[t] @ u.to(s_row.dtype), s_col[t] @ v.to(s_col.dtype)  # [n]
+        a = (s_row[t].to(f) * u.to(dtype).to(f)).sum(-1).tolist()  # [n] unrounded axis scores
+        b = (s_col[t].to(f) * v.to(dtype).to(f)).sum(-1).tolist()
         cand = set()
         for sign in (1, -1)[:quadrants]:
-            rows = sorted(range(n), key=lambda i: (-sign * a[i].item(), i))[:k]
-            cols = sorted(range(n), key=lambda j: (-sign * b[j].item(), j))[:k]
+            rows = sorted(range(n), key=lambda i: (-sign * a[i], i))[:k]
+            cols = sorted(range(n), key=lambda j: (-sign * b[j], j))[:k]
             cand |= {i * n + j for i in rows for j in cols}
         ids = torch.tensor(sorted(cand))
-        val = ranking_values(s_row[t], s_col[t], cores.detach(), ids).tolist()
-        best = sorted(range(len(ids)), key=lambda x: (-val[x], ids[x].item()))[:m]
-        win = ids[best]
-        scores = retrieval._gather_pair_scores(s_row[t], s_col[t], cores.detach(), win // n, win % n)  # [m, c]
-        total = scores.sum(-1).tolist()
+        p = s_row[t][ids // n] @ cores.sum(0)  # [K, r] rounded to the dtype, as the reference
+        val = (p.to(f) * s_col[t][ids % n].to(f)).sum(-1).tolist()  # unrounded grid values
+        win = ids[sorted(range(len(ids)), key=lambda x: (-val[x], ids[x].item()))[:m]]
+        scores = retrieval._gather_pair_scores(s_row[t], s_col[t], cores, win // n, win % n)  # [m, c]
+        total = scores.to(f).sum(-1).tolist()
         order = sorted(range(m), key=lambda x: (-total[x], win[x].item()))
         out_s.append(scores[order])
         out_i.append(win[order])

@@ -1,56 +1,77 @@
 """Fused TDQKR retrieval: prefilter + candidate scoring + top-m in one kernel, and its backward.
 
 Reference: :func:`umv2_ref.retrieval.tucker_topk` (UltraMem arXiv 2411.12364 Eqs. 6-10, 16-17;
-UltraMemV2 arXiv 2508.18756 Eqs. 6-7), same signature, validation and result.  ``exact=True``
-delegates to the reference.  One program per token (``_tucker_topk_fwd_kernel``):
+UltraMemV2 arXiv 2508.18756 Eqs. 6-7), same signature, validation and result, ``quadrants`` included.
+``exact=True`` delegates to the reference.  One program per token (``_tucker_topk_fwd_kernel``):
 
 1. **Prefilter, per axis.**  ``a = s_row @ u`` and ``b = s_col @ v`` over the n keys, read from
-   ``s_row`` / ``s_col`` through their strides (the einsum that makes them returns a permuted view;
-   nothing is copied).  Candidates: the top k of ``a`` and of ``b``; with ``quadrants=2`` also the
-   top k of ``-a`` and of ``-b`` (the (-,-) quadrant, where the rank-1 score ``a_i b_j`` is large
-   although both factors are negative).
-2. **Score the candidate grid** ``s_row[i]^T (sum_c C_c) s_col[j]`` in registers: ``[1, k, k]``, or
-   ``[2, k, k]`` for the two quadrants (a pair proposed by both counts once: the (-,-) copy is masked).
-3. **Top m of the grid**, then per-core scores of the m winners, sorted by summed score.
+   ``s_row`` / ``s_col`` through their strides (the layers' einsum returns a permuted view; nothing
+   is copied).  Candidates: the top k of ``a`` and of ``b``; with ``quadrants=2`` also the top k
+   of ``-a`` and of ``-b`` (the (-,-) quadrant, where the rank-1 score ``a_i b_j`` is large although
+   both factors are negative).  The k keys of each list are compacted into a scratch row.
+2. **Per quadrant, the k x k candidate grid** ``s_row[i]^T (sum_c C_c) s_col[j]`` in registers and
+   its top m.  The grid is a ``[RB, CB, 1, k/RB, k/CB]`` tensor so that each thread holds an RB x CB
+   tile (8 x 8 at k = 128 on 8 warps) and loads only RB row and CB column factors.  In the (-,-)
+   grid a pair whose row and column are also (+,+) candidates is masked (it counts once).
+3. ``quadrants=2``: the top m of the 2 m quadrant winners (the union's top m is among them).  Doing
+   the quadrants one after the other keeps one grid in registers, not two.
+4. **Output**: per-core scores of the m winners, their order by counting rank (``rank_x = #{winners
+   ahead of x}``, a loop over the m winners), stored straight to the output slot.
 
-Every "top k" / "top m" here is the same *selection by exact threshold* (``_top_mask``):
+Every top-k / top-m is the same *selection by exact threshold* (``_select``), no sort network:
 
-* values become order-preserving integers (``_ordered``: the float bits, with the magnitude bits
-  flipped for negative numbers, so signed-integer order is float order, negatives included, and
-  -0.0 is mapped to +0.0);
-* bisection on that integer finds the threshold theta with ``count(value >= theta) == need``:
-  first halving the *float* interval (about 10 steps on the test distributions), then the integer
-  interval, so it always terminates (at most about 50 counting passes).  Each pass is one compare
-  and one add per grid element plus a block reduction;
-* **filter** ``value >= theta`` leaves exactly ``need`` survivors, **compacted** with an exclusive
-  prefix sum (``_rank``) into a per-token scratch row (global memory, L1/L2-resident, a barrier
-  between the store and the reload);
-* the m winners are put in order by **counting rank** (``rank_j = #{j' ahead of j}``, an m x m
-  comparison) and stored straight to their output slot: no sort network.
+* values map to order-preserving signed integers (``_ordered``: the float bits, magnitude bits
+  flipped for negative numbers, -0.0 mapped to +0.0), so integer order is float order;
+* a threshold ``theta`` with ``count(value >= theta) == need`` is searched by counting passes (one
+  compare and one add per element, one block reduction): first in float values (the grid uses
+  Illinois false position on ``log(count)``: about 6 passes at k = 128, 10 for halving; the axes
+  halve), then by integer bisection, so it always terminates;
+* **filter** ``value >= theta`` keeps exactly ``need`` entries, **compacted** by an exclusive prefix
+  count (thread-major order) into the scratch row (global memory, L1/L2-resident; a barrier between
+  the store and the reload).  The review behind issue 11 suggested a lower bound from a sub-block
+  plus ``tl.topk`` on the survivors; the exact threshold needs no capacity or fallback, and no sort.
 
-Tie-breaking (explicit): a candidate ranks above another when its value is larger, or equal with a
-smaller id (row index for the per-axis top k; flat slot id ``i * n + j`` for the grid and for the
-output order).  If several values tie at the threshold, a second bisection on the ids picks the
-smallest ids among them.  On continuous inputs this reproduces the reference's slot set exactly;
-on ties the reference (``torch.topk``) may pick other ids with the same value.
+Tie-breaking (explicit).  Candidates are ranked by their value *before its final rounding to the
+input dtype*, then by the smaller id (row index on an axis; flat slot id ``i * n + j`` in the grid
+and for the output order).  The reference ranks the rounded values with ``torch.topk``, which
+leaves the order of equal values open; rounding is monotone, so the kernel's choice is one of the
+orders the reference may produce: same slot set on continuous inputs, same values (and scores) on
+ties.  If values still tie at the threshold, a second bisection over the ids keeps the smallest.
 
-Rounding: the selection sees the same numbers as the reference.  ``a``, ``b``, ``sum_c C_c``, the
-grid's row factor ``s_row[i] @ W`` and the grid value are rounded to the input dtype where the
-reference's bf16 matmuls round them (products and sums in fp32, fp64 for fp64 inputs); the output
-scores are rounded as ``einsum("ma,cab,mb->mc")`` rounds them (contraction over a first).
+Rounding: ``sum_c C_c`` and the grid's row factor ``s_row[i] @ W`` are rounded to the input dtype
+where the reference's matmuls round them; products and sums run in fp32 (fp64 for fp64 inputs);
+the output scores are rounded as ``einsum("ma,cab,mb->mc")`` rounds them (contraction over a
+first).  bf16 is rounded with integer ops (``_round``): the interpreter truncates fp32 -> bf16 casts.
+With these rules the bf16 per-pair scores equal the reference's bit for bit (tested).
 
 Backward (``_tucker_topk_bwd_kernel``), one program per token, from the m selected pairs only:
 ``d s_row[i] = sum_c g_c C_c s_col[j]``, ``d s_col[j] = sum_c g_c C_c^T s_row[i]``, written into the
-token's dense ``[n, r]`` gradient rows (zeros stored first; a row picked by several pairs sums them
-with an m x m equality mask, so the order of the sum is fixed: bitwise reproducible) and
-per-token partial ``d cores [c, r, r]`` (summed over tokens by ``torch.sum``).
+token's dense ``[n, r]`` gradient rows (zeros stored first; a row picked by several pairs gets their
+sum, formed with a pair-by-pair equality mask and written by the first such pair: no atomics, fixed
+order, bitwise reproducible) and a per-token partial ``d cores [c, r, r]`` summed by ``torch.sum``.
 
-Both kernels are wrapped as ``torch.library`` custom ops (``umv2_kernels::tucker_topk`` and
-``umv2_kernels::tucker_topk_backward``) with fake implementations: no host synchronisation, so the
-retrieval composes with ``torch.compile(fullgraph=True)``.
+Both kernels are ``torch.library`` custom ops (``umv2_kernels::tucker_topk``,
+``umv2_kernels::tucker_topk_backward``) with fake implementations and no host synchronisation in the
+launcher: the retrieval traces under ``torch.compile(fullgraph=True)`` with 0 graph breaks (tested).
 
-AOT numbers (sm_90a, ``triton.compile`` + the wheel's ``ptxas``/``cuobjdump``; see
-:func:`aot_specs`): filled in below from measurements.
+AOT compile for sm_90a (``triton.compile`` with ``GPUTarget("cuda", 90, 64)``, the wheel's ``ptxas``
+and ``cuobjdump``; specialisations in :func:`aot_specs`; n = 1024, r = 2, c = 2, bf16).  Dynamic
+counts are *estimates*: static SASS of a tie-free build plus each selection loop's body times its
+mean trip count, measured by a numpy emulation of ``_select`` on randn scores and U[0, 1) cores.
+
+=======================  =====  ====  =====  ========  =========================================
+kernel                   warps  regs  spill  static    est. dynamic warp-instructions per token
+=======================  =====  ====  =====  ========  =========================================
+old, k = m = 32              4    40      0     535    15.7 k (top-m loop 109 x 32 rounds x 4 warps)
+new, k = m = 32, q = 1       4    64      0   2,965    15.0 k (prefilter included)
+new, k = m = 32, q = 2       4    96      0   4,860    30.4 k
+old, k = m = 128             8   211      0   2,666    429 k (top-m loop 401 x 128 rounds x 8 warps)
+new, k = m = 128, q = 1      8   255      0   7,496    66.1 k: 6.5x fewer (fp32: 63.8 k vs 427 k)
+new, k = m = 128, q = 2      8   255     44  11,604    139 k
+=======================  =====  ====  =====  ========  =========================================
+
+The old kernel did not include the prefilter (two GEMVs, two ``torch.topk`` and two ``.contiguous()``
+copies ran in PyTorch); the new counts do.  No GPU has run this kernel: times are not claimed.
 """
 from __future__ import annotations
 

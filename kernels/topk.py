@@ -63,11 +63,12 @@ mean trip count, measured by a numpy emulation of ``_select`` on randn scores an
 kernel                   warps  regs  spill  static    est. dynamic warp-instructions per token
 =======================  =====  ====  =====  ========  =========================================
 old, k = m = 32              4    40      0     535    15.7 k (top-m loop 109 x 32 rounds x 4 warps)
-new, k = m = 32, q = 1       4    64      0   2,965    15.0 k (prefilter included)
-new, k = m = 32, q = 2       4    96      0   4,860    30.4 k
+new, k = m = 32, q = 1       4    64      0   2,805    15.0 k (prefilter included)
+new, k = m = 32, q = 2       4    96      0   4,611    30.4 k
 old, k = m = 128             8   211      0   2,666    429 k (top-m loop 401 x 128 rounds x 8 warps)
-new, k = m = 128, q = 1      8   255      0   7,496    66.1 k: 6.5x fewer (fp32: 63.8 k vs 427 k)
-new, k = m = 128, q = 2      8   255     44  11,604    139 k
+new, k = m = 128, q = 1      8   255      0   6,811    66.1 k: 6.5x fewer (fp32: 63.8 k vs 427 k)
+new, k = m = 128, q = 2      8   255     44  10,743    139 k
+backward, m = 128            8   158      0   7,338    (straight-line code, no loops)
 =======================  =====  ====  =====  ========  =========================================
 
 The old kernel did not include the prefilter (two GEMVs, two ``torch.topk`` and two ``.contiguous()``

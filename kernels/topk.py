@@ -544,7 +544,8 @@ def _topk_op(s_row: Tensor, s_col: Tensor, cores: Tensor, uv: Tensor, m: int, k:
                               s_row.device)  # the winners' summed scores
         _tucker_topk_fwd_kernel[(T,)](
             s_row, s_col, cores.contiguous(), uv.contiguous(), scores, idx, scratch, totals,
-            *s_row.stride(), *s_col.stride(), R=r, C=c, QUAD=quadrants, ACC=_acc(s_row.dtype), **meta)
+            *s_row.stride(), *s_col.stride(), R=r, C=c, QUAD=quadrants, ACC=_acc(s_row.dtype),
+            num_stages=1, **meta)  # no dot loop to pipeline
     return scores, idx
 
 
@@ -564,7 +565,7 @@ def _topk_bwd_op(grad: Tensor, idx: Tensor, s_row: Tensor, s_col: Tensor, cores:
     if T:
         _tucker_topk_bwd_kernel[(T,)](
             grad.contiguous(), idx.contiguous(), s_row, s_col, cores.contiguous(), d_row, d_col, part,
-            n, m, *s_row.stride(), *s_col.stride(), R=r, C=c, ACC=_acc(s_row.dtype), **bwd_meta(n, r, m))
+            n, m, *s_row.stride(), *s_col.stride(), R=r, C=c, ACC=_acc(s_row.dtype), num_stages=1, **bwd_meta(n, r, m))
     return d_row, d_col, part.sum(0).to(cores.dtype)
 
 

@@ -129,7 +129,7 @@ def cubin_usage(cubin: bytes) -> tuple[dict, str]:
     return {k.lower(): int(v) for k, v in fields.items()}, sass
 
 
-SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 
 
 def parse_sass(sass: str) -> list[tuple[int, str, str]]:

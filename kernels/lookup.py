@@ -20,11 +20,12 @@ UltraMemV2 Eq. 15 per token t and selected slot i = indices[t, k]:
 * table gradients ``dV[i] = sum w_tk g_t`` and ``dP[i] = sum da_tk x_t`` (rows repeat across and
   within tokens, so token programs collide):
   - ``"sorted"`` (default): ONE stable sort of the indices serves both tables;
-    ``_scatter_sorted_kernel`` (one program per block of rows) walks each row's segment and writes
-    the dV and dP rows once, in the table dtype (no zero-fill, no fp32 [N, D] buffer); rows read
-    more than ``CONFIG.hot_rows`` times go to ``_scatter_sorted_hot_kernel`` (one program per hot
-    row, BLOCK_J pairs at a time), so one popular row does not stall a whole block.  Fixed
-    summation order: bitwise reproducible.
+    ``_scatter_sorted_kernel`` (one program per block of rows) walks the block's pairs -- one
+    contiguous range of the sorted list -- BLOCK_J at a time with every lane busy, sums each row's
+    run with a segmented scan and writes the dV and dP rows once, in the table dtype (no
+    zero-fill, no fp32 [N, D] buffer); rows read more than ``CONFIG.hot_rows`` times go to
+    ``_scatter_sorted_hot_kernel`` (one program per hot row), so one popular row does not stall a
+    block.  Fixed summation order: bitwise reproducible.
   - ``"atomic"``: ``_scatter_atomic_kernel`` adds both tables' contributions with relaxed fp32
     atomics (``sem="relaxed"``: a plain ``RED`` on the GPU, no fences) into zero-filled fp32
     accumulators, then casts; the order of colliding adds varies run to run on a GPU.
@@ -55,7 +56,7 @@ ON_GPU = torch.cuda.is_available() and not config.INTERPRETED
 
 def _configs(choices: list[dict], *, num_warps: int = 4) -> list[triton.Config]:
     """Autotune candidates; in the interpreter only the first (a multi-config autotuner needs a driver)."""
-    configs = [triton.Config(dict(c), num_warps=num_warps, num_stages=c["NUM_STAGES"]) for c in choices]
+    configs = [triton.Config(dict(c), num_warps=num_warps, num_stages=c.get("NUM_STAGES", 1)) for c in choices]
     return configs if ON_GPU else configs[:1]
 
 
@@ -65,8 +66,8 @@ FWD_CHOICES = [dict(BLOCK_T=8, NUM_STAGES=3), dict(BLOCK_T=8, NUM_STAGES=2), dic
                dict(BLOCK_T=16, NUM_STAGES=1), dict(BLOCK_T=4, NUM_STAGES=4)]
 BWD_CHOICES = [dict(BLOCK_T=8, NUM_STAGES=3), dict(BLOCK_T=8, NUM_STAGES=2), dict(BLOCK_T=4, NUM_STAGES=3),
                dict(BLOCK_T=4, NUM_STAGES=4)]
-ROWS_CHOICES = [dict(BLOCK_R=8, NUM_STAGES=2), dict(BLOCK_R=8, NUM_STAGES=3), dict(BLOCK_R=4, NUM_STAGES=4),
-                dict(BLOCK_R=4, NUM_STAGES=3)]
+ROWS_CHOICES = [dict(BLOCK_R=32, BLOCK_J=8), dict(BLOCK_R=16, BLOCK_J=8), dict(BLOCK_R=32, BLOCK_J=16),
+                dict(BLOCK_R=64, BLOCK_J=16)]
 HOT_BLOCK_J = 8  # pairs per step of a hot-row program
 ATOMIC_BLOCK_T = 8  # tokens per program of the atomic scatter (never autotuned: it accumulates)
 
@@ -262,50 +263,87 @@ def _scatter_atomic_kernel(
 
 
 @triton.jit
+def _seg_add(start_a, sum_a, start_b, sum_b):
+    """Combine of a segmented inclusive scan: a running sum that restarts where ``start`` is set."""
+    return start_a | start_b, tl.where(start_b != 0, sum_b, sum_a + sum_b)
+
+
+@triton.jit
+def _segment_sums(contrib, start, carry, jj, BLOCK_J: tl.constexpr):
+    """Running per-row sums of ``contrib [BJ, BD]`` along the sorted pairs, continuing ``carry [BD]``
+    into lane 0 when its row began in the previous chunk; returns (sums [BJ, BD], carry out [BD])."""
+    contrib += tl.where(((jj == 0) & (start == 0))[:, None], carry[None, :], 0.0)
+    flags = tl.broadcast_to(start[:, None], contrib.shape)  # [BJ, BD]
+    _, sums = tl.associative_scan((flags, contrib), 0, _seg_add)  # [BJ, BD]
+    return sums, tl.sum(tl.where((jj == BLOCK_J - 1)[:, None], sums, 0.0), axis=0)
+
+
+@triton.jit
 def _scatter_sorted_kernel(
-    dv_ptr, dp_ptr, order_ptr, bounds_ptr, coef_v_ptr, coef_p_ptr, g_ptr, x_ptr,
+    dv_ptr, dp_ptr, order_ptr, rows_ptr, bounds_ptr, coef_v_ptr, coef_p_ptr, g_ptr, x_ptr,
     N, M, DV, DP, DC, HOT,
     C: tl.constexpr, HAS_V: tl.constexpr, HAS_P: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_R: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """dV[r] and dP[r] for BLOCK_R rows, each row written once (both tables from one walk).
+    """dV[r] and dP[r] for the BLOCK_R rows [r0, r0 + BLOCK_R), each row written once (both tables).
 
-    ``order`` lists flat pair ids t*M+k sorted stably by row; row r owns
-    ``order[bounds[r] : bounds[r+1]]``.  Rows nobody read get an explicit 0; rows read more than
-    HOT times are left to ``_scatter_sorted_hot_kernel``.
+    ``order`` lists flat pair ids t*M+k sorted stably by row, ``rows`` the row of each sorted pair
+    and row r owns ``order[bounds[r] : bounds[r+1]]``, so the block's pairs are one contiguous
+    range.  It is walked BLOCK_J pairs at a time with every lane busy (rows are read ~T*M/N times,
+    often once: a lane per row would idle), and a segmented scan sums each row's run of pairs; the
+    lane holding a row's last pair stores it.  Rows read by more than HOT pairs are skipped (left
+    to ``_scatter_sorted_hot_kernel``); rows nobody read get an explicit 0.
     """
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
-    r_ok = r < N
+    r0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rr = r0 + tl.arange(0, BLOCK_R)  # [BR]
+    r_ok = rr < N
     dv = tl.arange(0, BLOCK_DV)  # [BDV]
     dv_ok = dv < DV
     core = dv // DC  # [BDV]
     dp = tl.arange(0, BLOCK_DP)  # [BDP]
     dp_ok = dp < DP
-    lo = tl.load(bounds_ptr + r, mask=r_ok, other=0)  # [BR] segment start
-    count = tl.load(bounds_ptr + r + 1, mask=r_ok, other=0) - lo  # [BR] pairs that read row r
-    mine = r_ok & (count <= HOT)  # [BR] rows this program writes
-    steps = tl.max(tl.where(mine, count, 0), axis=0)  # longest segment of the block
-    one = tl.full((BLOCK_R,), 1.0, ACC)  # [BR]
-    acc_v = tl.zeros((BLOCK_R, BLOCK_DV), ACC)  # [BR, BDV]
-    acc_p = tl.zeros((BLOCK_R, BLOCK_DP), ACC)  # [BR, BDP]
-    for j in tl.range(0, steps, num_stages=NUM_STAGES):
-        live = mine & (j < count)  # [BR]
-        pair = tl.load(order_ptr + lo + j, mask=live, other=0).to(tl.int64)  # [BR] flat t*M+k
-        t = pair // M  # [BR]
-        if HAS_V:
-            w = _per_core(coef_v_ptr, pair, live, core, one, C, ACC)  # [BR, BDV]
-            g = tl.load(g_ptr + t[:, None] * DV + dv[None, :], mask=live[:, None] & dv_ok[None, :], other=0.0)
-            acc_v += w * g.to(ACC)
-        if HAS_P:
-            cp = tl.load(coef_p_ptr + pair, mask=live, other=0.0).to(ACC)  # [BR]
-            x = tl.load(x_ptr + t[:, None] * DP + dp[None, :], mask=live[:, None] & dp_ok[None, :], other=0.0)
-            acc_p += cp[:, None] * x.to(ACC)
+    unread = r_ok & (tl.load(bounds_ptr + rr + 1, mask=r_ok, other=0) == tl.load(bounds_ptr + rr, mask=r_ok, other=0))
     if HAS_V:
-        tl.store(dv_ptr + r[:, None] * DV + dv[None, :], acc_v.to(dv_ptr.dtype.element_ty),
-                 mask=mine[:, None] & dv_ok[None, :])
+        tl.store(dv_ptr + rr[:, None] * DV + dv[None, :], tl.zeros((BLOCK_R, BLOCK_DV), dv_ptr.dtype.element_ty),
+                 mask=unread[:, None] & dv_ok[None, :])
     if HAS_P:
-        tl.store(dp_ptr + r[:, None] * DP + dp[None, :], acc_p.to(dp_ptr.dtype.element_ty),
-                 mask=mine[:, None] & dp_ok[None, :])
+        tl.store(dp_ptr + rr[:, None] * DP + dp[None, :], tl.zeros((BLOCK_R, BLOCK_DP), dp_ptr.dtype.element_ty),
+                 mask=unread[:, None] & dp_ok[None, :])
+    hi = tl.load(bounds_ptr + tl.minimum(r0 + BLOCK_R, N))  # end of the block's pairs
+    j0 = tl.load(bounds_ptr + r0)
+    jj = tl.arange(0, BLOCK_J)  # [BJ]
+    one = tl.full((BLOCK_J,), 1.0, ACC)  # [BJ]
+    carry_v = tl.zeros((BLOCK_DV,), ACC)  # [BDV] running sum of a row split across chunks
+    carry_p = tl.zeros((BLOCK_DP,), ACC)  # [BDP]
+    while j0 < hi:
+        row0 = tl.load(rows_ptr + j0).to(tl.int64)
+        end0 = tl.load(bounds_ptr + row0 + 1)
+        if end0 - tl.load(bounds_ptr + row0) > HOT:
+            j0 = end0  # a hot row: skip its pairs
+        else:
+            j = j0 + jj  # [BJ] positions in the sorted pair list
+            ok = j < hi
+            row = tl.load(rows_ptr + j, mask=ok, other=0).to(tl.int64)  # [BJ]
+            lo_r = tl.load(bounds_ptr + row, mask=ok, other=0)  # [BJ] segment of each lane's row
+            hi_r = tl.load(bounds_ptr + row + 1, mask=ok, other=0)  # [BJ]
+            live = ok & (hi_r - lo_r <= HOT)  # [BJ]
+            start = (j == lo_r).to(tl.int32)  # [BJ] first pair of its row
+            last = live & (j == hi_r - 1)  # [BJ] last pair of its row: the lane that stores
+            pair = tl.load(order_ptr + j, mask=live, other=0).to(tl.int64)  # [BJ] flat t*M+k
+            t = pair // M  # [BJ]
+            if HAS_V:
+                w = _per_core(coef_v_ptr, pair, live, core, one, C, ACC)  # [BJ, BDV]
+                g = tl.load(g_ptr + t[:, None] * DV + dv[None, :], mask=live[:, None] & dv_ok[None, :], other=0.0)
+                sums, carry_v = _segment_sums(w * g.to(ACC), start, carry_v, jj, BLOCK_J)  # [BJ, BDV]
+                tl.store(dv_ptr + row[:, None] * DV + dv[None, :], sums.to(dv_ptr.dtype.element_ty),
+                         mask=last[:, None] & dv_ok[None, :])
+            if HAS_P:
+                cp = tl.load(coef_p_ptr + pair, mask=live, other=0.0).to(ACC)  # [BJ]
+                x = tl.load(x_ptr + t[:, None] * DP + dp[None, :], mask=live[:, None] & dp_ok[None, :], other=0.0)
+                sums, carry_p = _segment_sums(cp[:, None] * x.to(ACC), start, carry_p, jj, BLOCK_J)  # [BJ, BDP]
+                tl.store(dp_ptr + row[:, None] * DP + dp[None, :], sums.to(dp_ptr.dtype.element_ty),
+                         mask=last[:, None] & dp_ok[None, :])
+            j0 = j0 + BLOCK_J
 
 
 @triton.jit
@@ -396,14 +434,15 @@ def lookup_forward(x: Optional[Tensor], pre: Optional[Tensor], table: Tensor, id
     return out
 
 
-def _sorted_segments(idx: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """One stable sort shared by both tables: (order ``[T*M]`` pair ids grouped by row,
-    bounds ``[N+1]`` int32, row r owns ``order[bounds[r]:bounds[r+1]]``).  No host sync."""
+def _sorted_segments(idx: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One stable sort shared by both tables: (order ``[T*M]`` pair ids grouped by row, rows
+    ``[T*M]`` the row of each sorted pair, bounds ``[N+1]``: row r owns ``order[bounds[r]:bounds[r+1]]``).
+    All int32 except order (int64, from ``torch.sort``).  No host sync."""
     keys = idx.reshape(-1).to(torch.int32)  # [T*M] 4-byte keys sort faster than 8-byte ones
     rows, order = torch.sort(keys, stable=True)  # [T*M], [T*M]
     probe = torch.arange(n_rows + 1, device=idx.device, dtype=torch.int32)  # [N+1]
     bounds = torch.searchsorted(rows, probe, out_int32=True)  # [N+1] (no atomics: deterministic)
-    return order, bounds
+    return order, rows, bounds
 
 
 def table_grads(n_rows: int, idx: Tensor, coef_v: Optional[Tensor], g: Tensor, coef_p: Optional[Tensor],
@@ -433,12 +472,12 @@ def table_grads(n_rows: int, idx: Tensor, coef_v: Optional[Tensor], g: Tensor, c
         return (dv.to(v_dtype) if has_v else None), (dp.to(p_dtype) if has_p else None)
     dv = config.empty((n_rows, DV), v_dtype, dev) if has_v else None  # [N, DV] every row written once
     dp = config.empty((n_rows, DP), p_dtype, dev) if has_p else None  # [N, DP]
-    order, bounds = _sorted_segments(idx, n_rows)
+    order, rows, bounds = _sorted_segments(idx, n_rows)
     hot = config.CONFIG.hot_rows
     outs = (dv if has_v else g, dp if has_p else g)
     if n_rows:
         _scatter_sorted[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]),)](
-            *outs, order, bounds, *ptrs, n_rows, M, DV, DP, DV // C, hot, **common)
+            *outs, order, rows, bounds, *ptrs, n_rows, M, DV, DP, DV // C, hot, **common)
     n_hot = min(n_rows, T * M // (hot + 1))  # at most this many rows can be read more than `hot` times
     if n_hot:
         counts = bounds[1:] - bounds[:-1]  # [N]
@@ -654,11 +693,11 @@ def _table_grad_specs() -> list[dict]:
                                    "relaxed fp32 atomics into zero-filled fp32 accumulators (the atomic option)",
                                    budget={**(LOOKUP_BUDGET if dt == "bf16" else {}),
                                            "max_total": {"fence": 0, "cache_invalidate": 0, "atomic": 0}}))
-                rows_sig = dict(dv_ptr=p, dp_ptr=p, order_ptr="*i64", bounds_ptr="*i32", **ptrs, N="i32", M="i32",
-                                DV="i32", DP="i32", DC="i32", HOT="i32")
+                rows_sig = dict(dv_ptr=p, dp_ptr=p, order_ptr="*i64", rows_ptr="*i32", bounds_ptr="*i32", **ptrs,
+                                N="i32", M="i32", DV="i32", DP="i32", DC="i32", HOT="i32")
                 for i, ch in enumerate(ROWS_CHOICES if anchor else ROWS_CHOICES[:1]):
-                    specs.append(_spec(f"sorted_rows/{tag}/BR{ch['BLOCK_R']}s{ch['NUM_STAGES']}", _scatter_sorted_kernel,
-                                       rows_sig, {**base, **ch}, 4, ch["NUM_STAGES"], dt, ci,
+                    specs.append(_spec(f"sorted_rows/{tag}/BR{ch['BLOCK_R']}J{ch['BLOCK_J']}", _scatter_sorted_kernel,
+                                       rows_sig, {**base, **ch}, 4, 1, dt, ci,
                                        "rows written once in the table dtype (dv_ptr/dp_ptr), no zero-fill"))
                 hot_sig = dict(dv_ptr=p, dp_ptr=p, hot_ptr="*i64", order_ptr="*i64", bounds_ptr="*i32", **ptrs,
                                N="i32", M="i32", DV="i32", DP="i32", DC="i32")

@@ -227,16 +227,19 @@ def _expected_max_poisson(lam: float, n: int, kmax: int = 200) -> float:
 def row_block_estimate(r: dict, pairs: int, n_rows: int, steps: float, total_bytes: int,
                        gpu: GPUModel = H100) -> dict:
     """A table-gradient kernel with one program per block of rows (ESTIMATE): each program pays a
-    bounds load, then ``steps`` dependent (index load, row gather) rounds; CTAs/SM programs run at
-    once per SM.  The larger of that latency chain and bytes / copy bandwidth."""
+    bounds load, then ``steps`` dependent (index load, row gather) rounds of the hot loop; CTAs/SM
+    programs run at once per SM.  The largest of that latency chain, the instruction issue
+    (programs x steps x warps x hot-loop SASS) and bytes / copy bandwidth."""
     programs = math.ceil(n_rows / int(r["constexprs"]["BLOCK_R"]))
     waves = programs / (gpu.sms * r["ctas_per_sm"])
     t_lat = [waves * (gpu.index_latency_us + steps * (gpu.index_latency_us + lat)) * 1e-6
              for lat in gpu.row_latency_us]
+    t_issue = programs * steps * r["num_warps"] * r["hot_loop"]["instructions"] / gpu.warp_issue_per_s
     t_bw = total_bytes / (gpu.copy_gbs * 1e9)
-    bound = "bandwidth" if t_bw >= t_lat[1] else "latency (dependent loads per program)"
-    return dict(low_ms=1e3 * max(t_bw, t_lat[0]), high_ms=1e3 * max(t_bw, t_lat[1]), bound=bound,
-                t_bandwidth_ms=1e3 * t_bw, steps=steps, pairs=pairs)
+    terms = {"bandwidth": t_bw, "instruction issue": t_issue, "latency (dependent loads per program)": t_lat[1]}
+    return dict(low_ms=1e3 * max(t_bw, t_issue, t_lat[0]), high_ms=1e3 * max(t_bw, t_issue, t_lat[1]),
+                bound=max(terms, key=terms.get), t_bandwidth_ms=1e3 * t_bw, t_issue_ms=1e3 * t_issue, steps=steps,
+                pairs=pairs)
 
 
 def estimates(report_dir: Path = AOT_DIR, shape: dict = TARGET, c: int = 2, elt: int = 2) -> list[dict]:

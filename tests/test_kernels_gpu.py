@@ -99,7 +99,7 @@ def test_every_autotune_candidate_gpu(name, choices, monkeypatch):
     args = lookup_inputs(torch.bfloat16, T=500, rows=2000)
     kernel = getattr(lookup, name).fn
     for choice in choices:
-        cfg = triton.Config(dict(choice), num_warps=4, num_stages=choice["NUM_STAGES"])
+        cfg = triton.Config(dict(choice), num_warps=4, num_stages=choice.get("NUM_STAGES", 1))
         with monkeypatch.context() as m:
             m.setattr(lookup, name, triton.autotune([cfg], key=["DV"])(kernel))
             with kernels.table_grad("sorted"):

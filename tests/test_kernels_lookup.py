@@ -65,9 +65,13 @@ def peer_ref(act):
     return lambda x, p, v, i, s: values.peer_values(x, p, v, i, s, act)
 
 
-@pytest.mark.parametrize("algo", ["atomic", "sorted"])
-@pytest.mark.parametrize("c", [None, 3])
-@pytest.mark.parametrize("act", [None, "relu", "gelu", "silu"])
+# Every activation x core layout with the default (sorted) table gradients; the activation only
+# changes the token kernels, so the atomic table gradients get two of the combinations.
+PEER_CASES = [(act, c, "sorted") for act in (None, "relu", "gelu", "silu") for c in (None, 3)]
+PEER_CASES += [(None, None, "atomic"), ("gelu", 3, "atomic")]
+
+
+@pytest.mark.parametrize("act,c,algo", PEER_CASES)
 def test_peer_values_matches_reference(act, c, algo, poisoned):
     with kernels.table_grad(algo):
         assert_matches(peer(act), peer_ref(act), make_inputs(c))
@@ -186,7 +190,7 @@ def test_sorted_path_allocates_no_zero_filled_buffer(monkeypatch, poisoned):
 def _single_config(monkeypatch, name, choice):
     """Replace an autotuned launcher by one fixed config (every GPU autotune candidate is checked here)."""
     kernel = getattr(lookup, name).fn
-    cfg = triton.Config(dict(choice), num_warps=4, num_stages=choice["NUM_STAGES"])
+    cfg = triton.Config(dict(choice), num_warps=4, num_stages=choice.get("NUM_STAGES", 1))
     monkeypatch.setattr(lookup, name, triton.autotune([cfg], key=["DV"])(kernel))
 
 

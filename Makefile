@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Smoke mode shrinks notebook and training sizes so the suite fits CI (2 CPU cores, no GPU).
 TEST_ENV := UMV2_SMOKE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0 TQDM_DISABLE=1
 
-.PHONY: setup lab notebooks test test-fast bench clean
+.PHONY: setup lab notebooks test test-fast bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,14 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m kernels.bench
+
+## One-shot GPU check on one H100/H200 (budget: under 8 minutes): the GPU tests, the sm_90a compile
+## report (kernels/aot_report/), the benchmark, whose table replaces the measured section of kernels/README.md.
+gpu-check: setup
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA GPU')"
+	$(PY) -m pytest -m gpu -q -p no:cacheprovider --durations=10 tests
+	$(PY) -m kernels.aot
+	$(PY) -m kernels.bench --readme
 
 clean:
 	rm -rf $(VENV) build

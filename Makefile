@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Smoke mode shrinks notebook and training sizes so the suite fits CI (2 CPU cores, no GPU).
 TEST_ENV := UMV2_SMOKE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0 TQDM_DISABLE=1
 
-.PHONY: setup lab notebooks test test-fast bench clean
+.PHONY: setup lab git-filters notebooks test test-browser test-fast bench clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,15 @@ $(STAMP): requirements.txt pyproject.toml
 # JupyterLab refuses to run as root (containers, cloud notebooks) unless told to.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-lab: setup
+lab: setup git-filters
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
+
+## git sees notebooks without their outputs (.gitattributes, tools/nbstrip.py): outputs autosaved by
+# JupyterLab never reach a commit or `git diff`; edited cells do.  Only inside a git checkout.
+git-filters:
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git config filter.nbstrip.clean "python3 tools/nbstrip.py"; \
+		echo "git: notebook outputs are filtered (filter.nbstrip in .git/config)"; fi
 
 ## Execute every notebook headless (full sizes unless UMV2_SMOKE=1) and render HTML into build/.
 notebooks: setup

@@ -32,13 +32,10 @@ git-filters:
 		git config filter.nbstrip.clean "python3 tools/nbstrip.py"; \
 		echo "git: notebook outputs are filtered (filter.nbstrip in .git/config)"; fi
 
-## Execute every notebook headless (full sizes unless UMV2_SMOKE=1) and render HTML into build/.
+## Execute every notebook headless (full sizes unless UMV2_SMOKE=1) and render HTML into build/ that
+# works offline: local MathJax, each widget's default view as a static image (tools/render_html.py).
 notebooks: setup
-	mkdir -p build
-	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
-		../$(VENV)/bin/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=3600 \
-			--output-dir ../build "$$nb" || exit 1; \
-	done
+	$(PY) tools/render_html.py --out build --timeout 3600 notebooks/[0-9][0-9]_*.ipynb
 
 ## The whole test suite: reference, kernels (Triton interpreter on CPU), training, notebooks.
 test: setup

@@ -201,6 +201,9 @@ def test_contribution_norms_names_its_bars_and_activations_separate_groups():
     assert len(ax.get_xticklabels()) <= 40
     with pytest.raises(ValueError, match="groups"):
         viz.slot_activations(idx, torch.ones(8, 10), 60, groups=[1, 0, 0, 0, 0, 0, 0, 0])
+    fig = viz.slot_activations(torch.tensor([[5, 2], [2, 9]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 10,
+                               order="first_use")
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), [[1.0, 2.0, 0.0], [0.0, 3.0, 4.0]])
 
 
 # --- schematic diagrams ---------------------------------------------------------------------------

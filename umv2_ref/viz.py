@@ -264,13 +264,15 @@ def sorted_usage(curves: Mapping[str, object], title: str = "slot usage, most us
 
 
 def slot_activations(indices, weights, n_slots: int, title: str = "which slots fire for which inputs",
-                     groups=None, max_labels: int = 40) -> Figure:
+                     groups=None, max_labels: int = 40, order: str = "id") -> Figure:
     """Inputs x slots heatmap of the weight each input puts on each slot (0 where not selected).
 
     indices: ``[B, m]`` slot ids; weights: ``[B, m]`` (or ``[B, m, c]``, summed over cores).
-    Columns are only the slots some input selected, in ascending id order (labels on the x axis,
-    at most ``max_labels`` of them so they stay readable).  ``groups``: ``[B]`` group id of each
-    input (e.g. its topic); inputs must be sorted by group, and a line separates the groups.
+    Columns are only the slots some input selected (labels on the x axis, at most ``max_labels``
+    of them so they stay readable), in ascending id order (``order="id"``) or in order of the first
+    input that reads them (``order="first_use"``: inputs that share slots then form visible blocks).
+    ``groups``: ``[B]`` group id of each input (e.g. its topic); inputs must be sorted by group, and
+    a line separates the groups.
     """
     idx = _np(indices).astype(int)
     w = _np(weights).astype(float)
@@ -281,6 +283,10 @@ def slot_activations(indices, weights, n_slots: int, title: str = "which slots f
     dense = np.zeros((idx.shape[0], n_slots))
     np.add.at(dense, (np.arange(idx.shape[0])[:, None], idx), w)
     used = np.unique(idx)
+    if order == "first_use":
+        used = np.array(list(dict.fromkeys(idx.reshape(-1).tolist())))  # row-major: first reader first
+    elif order != "id":
+        raise ValueError(f"order must be 'id' or 'first_use', got {order!r}")
     fig, ax = plt.subplots(figsize=(min(11, 2.5 + 0.12 * used.size), min(6.5, 1.6 + 0.16 * idx.shape[0])))
     lim = np.abs(dense[:, used]).max() or 1.0
     im = ax.imshow(dense[:, used], cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")

@@ -118,7 +118,12 @@ print("n^2 =", n * n, "slot scores from", 2 * n, "sub-key scores")
 # 3. keeps the top-$k$ of those $k^2$ candidates.
 #
 # Cost: $O(n\,d_q + k^2)$ instead of $O(n^2 d_q)$ — for the paper's $N=512^2$, $k=32$ that is
-# $512 + 1024$ scores instead of $262{,}144$.
+# $512 + 1024$ scores instead of $262{,}144$. The whole layer as a diagram (shapes on the arrows; $d$ =
+# model width, $d_q$ = query width, $D_v$ = value width):
+
+# %%
+fig = viz.product_key_diagram(n=8, k=3)
+plt.show()
 
 # %%
 k = 5
@@ -288,7 +293,7 @@ check("nb01_usage_metrics", my_usage_metrics)
 #
 # We generate inputs $x=\mu+\varepsilon$ where $\varepsilon$ is one of `clusters` random centres
 # plus a little noise and $\|\mu\| = $ `offset` $\cdot\sqrt d$, and count the slots a freshly
-# initialised PKM reads, with and without query BatchNorm.
+# initialised PKM reads with query BatchNorm, with a per-token LayerNorm, and with no normalisation.
 
 # %%
 D_MODEL, N_KEYS = 32, 16  # N = 256 slots
@@ -322,7 +327,7 @@ def slot_counts(layer, x):
 
 def usage_at_init(offset=3.0):
     x, _ = sample(make_task(offset), 4096, torch.Generator().manual_seed(2))
-    curves = {f"query norm: {qn}": slot_counts(make_pkm(qn), x) for qn in ("batch", None)}
+    curves = {f"query norm: {qn}": slot_counts(make_pkm(qn), x) for qn in ("batch", "layer", None)}
     fig = viz.sorted_usage(curves, title=f"usage at init, offset = {offset}")
     plt.show()
     return {label: viz.usage_metrics(c) for label, c in curves.items()}
@@ -334,10 +339,35 @@ init_usage
 # %%
 assert init_usage["query norm: batch"]["fraction_used"] > 0.9
 assert init_usage["query norm: None"]["fraction_used"] < 0.5
+assert init_usage["query norm: layer"]["fraction_used"] < 0.5  # a per-token norm keeps the shared direction
+for label, m in init_usage.items():
+    print(f"{label:18}: used {100 * m['fraction_used']:5.1f}% | dead {m['dead']:3d} of {N_KEYS ** 2}")
 
 # %% [markdown]
-# Slide the offset: at 0 the inputs are isotropic and both layers use most slots; as the shared
-# component grows, the un-normalised layer collapses onto a few slots while BatchNorm is unaffected.
+# **A caveat for language models.** BatchNorm normalises every query with the mean and variance of the
+# whole batch — in a language model, of all positions of all sequences. During training the query of
+# token $t$ then depends on the tokens that come *after* it: a causal model sees its future through the
+# normalisation statistics (at evaluation the running statistics hide the leak, so it is easy to miss).
+# The check below changes only the last token of a batch and watches the first token's query move.
+# That is why the language models of notebooks 06 and 08 use a per-token **LayerNorm** on their
+# queries. LayerNorm is causal-safe, but as the usage above shows, it does not remove a direction
+# shared by all tokens: it centres each query over its own features, not over the batch. Here the
+# inputs are independent points, not sequences, so BatchNorm is harmless and we keep it.
+
+# %%
+bn = torch.nn.BatchNorm1d(4)  # training mode: batch statistics
+tokens = torch.randn(8, 4)  # [T, d] eight "positions" of one sequence
+later_changed = tokens.clone()
+later_changed[-1] += 5.0  # change only the LAST position
+moved = (bn(tokens)[0] - bn(later_changed)[0]).abs().max().item()
+ln = torch.nn.LayerNorm(4)
+moved_ln = (ln(tokens)[0] - ln(later_changed)[0]).abs().max().item()
+print(f"first position's normalised query moves by {moved:.3f} (BatchNorm) and {moved_ln:.3f} (LayerNorm)")
+assert moved > 0.1 and moved_ln == 0.0
+
+# %% [markdown]
+# Slide the offset: at 0 the inputs are isotropic and all three layers use most slots; as the shared
+# component grows, the layers without BatchNorm collapse onto a few slots while BatchNorm is unaffected.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -347,8 +377,10 @@ interact(usage_at_init, offset=(0.0, 5.0, 0.5));
 # ## 6. Training a small PKM
 #
 # Usage at initialisation is only half the story: training moves the keys, and it can spread the
-# reads out or concentrate them further. A dead slot is hard to revive, because a key receives a
-# gradient only when it is selected. We fit a PKM layer alone to the lookup task above — predict the cluster's target
+# reads out or concentrate them further. A dead slot's own key and value receive no gradient (they are
+# never selected), but the query projection $W_q$ does, and as it moves, queries can land on dead keys
+# and bring them back. Whether that happens is an empirical question; we measure it.
+# We fit a PKM layer alone to the lookup task above — predict the cluster's target
 # vector from $x$ — with the paper's recipe: Adam, values at a constant learning rate. The memory
 # has $N=256$ slots and the task 512 clusters, so the layer has to share slots between clusters and
 # benefits from using all of them.
@@ -381,8 +413,9 @@ runs = {qn: train_pkm(qn, steps) for qn in ("batch", None)}
 print(f"trained 2 x {steps} steps in {time.perf_counter() - start:.1f} s")
 for qn, (_, losses, val, counts) in runs.items():
     m = viz.usage_metrics(counts)
+    dead_init = init_usage[f"query norm: {qn}"]["dead"]  # same init, same 4096 inputs, before training
     print(f"query norm {str(qn):5}: val MSE {val:.3f} | used {100 * m['fraction_used']:.1f}% | "
-          f"KL {m['kl_uniform']:.3f} | dead {m['dead']}")
+          f"KL {m['kl_uniform']:.3f} | dead {m['dead']} (at init: {dead_init})")
 
 # %%
 window = max(1, steps // 20)
@@ -392,8 +425,8 @@ fig = viz.line_plot(torch.arange(len(next(iter(smooth.values())))) + window, smo
 plt.show()
 
 # %% [markdown]
-# Where the reads land after training: the heatmap shows the $16\times16$ key grid (black = dead
-# slot), the histogram the spread of access counts.
+# Where the reads land after training: the heatmap shows the $16\times16$ key grid (red = dead
+# slot, a colour no live count takes), the histogram the spread of access counts.
 
 # %%
 for qn, (_, _, _, counts) in runs.items():
@@ -408,8 +441,12 @@ plt.show()
 after = {qn: viz.usage_metrics(r[3]) for qn, r in runs.items()}
 assert after["batch"]["fraction_used"] > after[None]["fraction_used"]
 assert after["batch"]["kl_uniform"] < after[None]["kl_uniform"]
+revived = init_usage["query norm: None"]["dead"] - after[None]["dead"]
+print(f"without query norm, training revived {revived} of {init_usage['query norm: None']['dead']} dead slots "
+      f"({after[None]['dead']} still dead); with BatchNorm {after['batch']['dead']} are dead")
 if not SMOKE:
     assert runs["batch"][2] < runs[None][2]  # and it fits the task better
+    assert revived > 0  # dead slots do come back: the query projection moves
 
 # %% [markdown]
 # ## Summary
@@ -418,8 +455,13 @@ if not SMOKE:
 #   $k\times k$ candidate block, and — because the grid score is **additive** — the result is
 #   *exactly* the brute-force top-$k$.
 # * Heads multiply the slots read per token; all heads share one value table.
-# * A memory is only as large as the slots it uses. Query normalisation removes the shared
-#   component of the inputs and keeps usage high; dead slots never recover by themselves.
+# * A memory is only as large as the slots it uses. Query BatchNorm removes the shared component of
+#   the inputs and keeps usage high from the first step; without it most slots start dead. Training
+#   revives part of them (the query projection moves although dead keys do not), but the layer still
+#   ends with fewer slots in use and a less even spread than with BatchNorm (numbers printed above).
+# * In a causal language model BatchNorm leaks future tokens through its batch statistics, so the
+#   language models later in this course use a per-token LayerNorm, which keeps the leak out but
+#   not the shared direction.
 #
 # Next, **02 · TDQKR**: UltraMem replaces the additive grid by a Tucker-decomposed bilinear one,
 # which is more expressive but whose fast top-$m$ is no longer exact.

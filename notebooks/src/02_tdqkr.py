@@ -147,7 +147,12 @@ check("nb02_tucker_grid", my_tucker_grid)
 # top-$m$ of those is the answer. In the layers, $(u, v)$ live in buffers refreshed once per
 # optimiser step (`refresh_rank1`), and the official code uses $k=m$.
 #
-# Inline, then checked against `tucker_topk(..., exact=False)`:
+# The pipeline as a diagram (shapes per token; $d$ model width, $n$ keys per axis, $c$ cores), then
+# inline and checked against `tucker_topk(..., exact=False)`:
+
+# %%
+fig = viz.tdqkr_diagram()
+plt.show()
 
 # %%
 m = k = cfg.topm
@@ -306,9 +311,11 @@ assert by_k[-1]["recall"] == 1.0  # k = n: every slot is a candidate, the "prefi
 #
 # ### Try it
 #
-# The grid of one token with the exact top-$m$ outlined and the prefilter's $k$ candidate rows and
-# columns marked (orange bars; the other rows and columns are dimmed). Red cells outside the bright
-# candidate block are slots the prefilter cannot return.
+# The grid of one token with the exact top-$m$ outlined in red and the prefilter's $k$ candidate rows
+# and columns marked (orange bars; the other rows and columns are dimmed). A white dot marks an exact
+# top-$m$ slot the prefilter found, a white cross one it missed, and a dashed white square a slot the
+# prefilter returned in place of a missed one. Crosses outside the bright candidate block are slots the
+# prefilter cannot return, whatever their score.
 
 # %%
 def show_prefilter(ratio=0.2, k=16, token=0):
@@ -318,8 +325,8 @@ def show_prefilter(ratio=0.2, k=16, token=0):
     _, exact = tucker_topk(sr, sc, c, m, exact=True)
     _, approx = tucker_topk(sr, sc, c, m, k=k)
     rec = (exact[:, None] == approx[None, :]).any(-1).float().mean().item()
-    viz.key_score_grid(tucker_grid(sr, sc, c).sum(0), selected=exact, row_candidates=(sr @ u_).topk(k).indices,
-                       col_candidates=(sc @ v_).topk(k).indices,
+    viz.key_score_grid(tucker_grid(sr, sc, c).sum(0), selected=exact, returned=approx,
+                       row_candidates=(sr @ u_).topk(k).indices, col_candidates=(sc @ v_).topk(k).indices,
                        title=f"exact top-{m} (red), k = {k} candidates: recall {rec:.2f}")
     plt.show()
     return rec

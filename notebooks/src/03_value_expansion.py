@@ -50,9 +50,15 @@ from umv2_ref.values import expanded_lookup, peer_values, weighted_sum
 #
 # The right-hand side is the trick: **retrieve first, expand after**. Pool the physical rows of each
 # block ($m$ rows of width $D_v$), then apply $E$ small projections — the virtual tables are never built.
-#
-# Let us take a real `UltraMem` layer (one core, so each slot has a single score), run its retrieval,
-# and compute the output both ways.
+# In a picture, for a $4\times4$ grid over $N=4$ rows with $E=4$ (colour = block; shapes per token):
+
+# %%
+fig = viz.value_expansion_diagram(n=4, expand=4)
+plt.show()
+
+# %% [markdown]
+# Now a real `UltraMem` layer (one core, so each slot has a single score): run its retrieval, and
+# compute the output both ways.
 
 # %%
 torch.manual_seed(0)
@@ -84,15 +90,17 @@ print("materialised == implicit == umv2_ref UltraMem output")
 
 # %% [markdown]
 # Where the shuffle sends the grid: each cell of the $16\times16$ grid coloured by its virtual
-# block $p$, with one token's $m$ selected slots outlined. Blocks are scattered uniformly — a
-# token's $m$ slots fall into several blocks, each projected by its own $W_p$.
+# block $p$ (one colour per block), with one token's $m$ selected slots outlined. Blocks are scattered
+# uniformly — a token's $m$ slots fall into several blocks, each projected by its own $W_p$. The bars
+# are blocks, not slots: the norm of each block's pooled vector $V^\top\hat s_p$ for that token.
 
 # %%
 block_map = (layer.shuffle // N).reshape(cfg.n_keys, cfg.n_keys)  # [n, n] block of every virtual slot
-fig = viz.key_score_grid(block_map, selected=virtual[0], title="virtual block p (colour) of every grid slot")
+fig = viz.key_score_grid(block_map, selected=virtual[0], categories=E, category_label="block p",
+                         title="virtual block of every grid slot; token 0's slots outlined")
 plt.show()
 print("blocks of token 0's slots:", block[0].tolist())
-fig = viz.contribution_norms(z[0].norm(dim=-1), labels=[f"block {p}" for p in range(E)],
+fig = viz.contribution_norms(z[0].norm(dim=-1), labels=[f"block {p}" for p in range(E)], xlabel="virtual block p",
                              title="token 0: norm of each block's pooled vector", ylabel=r"$\|V^\top \hat s_p\|$")
 plt.show()
 
@@ -183,15 +191,19 @@ def show_costs(E=4, m=32):
     Es = torch.arange(1, 17)
     table = [expansion_costs(int(e), N_phys, Dv_big, d_big, m) for e in Es]
     names = list(table[0])
-    fig = viz.line_plot(Es, {nm: [t[nm][0] for t in table] for nm in names}, xlabel="expansion E",
-                        ylabel="parameters stored", title="storage: materialising grows with E N D'")
-    fig.axes[0].set_yscale("log")
-    fig.axes[0].axvline(E, color="grey", ls="--")
-    plt.show()
-    fig = viz.line_plot(Es, {nm: [t[nm][1] for t in table] for nm in names}, xlabel="expansion E",
-                        ylabel="MACs per token", title=f"compute per token, m = {m}: implicit pays E D_v D'")
-    fig.axes[0].axvline(E, color="grey", ls="--")
-    plt.show()
+    for key, ylabel, title in ((0, "parameters stored", "storage: materialising grows with E N D'"),
+                               (1, "MACs per token", f"compute per token, m = {m}: implicit pays E D_v D'")):
+        fig = viz.line_plot(Es, {nm: [t[nm][key] for t in table] for nm in names}, xlabel="expansion E",
+                            ylabel=ylabel, title=title)
+        ax = fig.axes[0]
+        for line, style in zip(ax.lines, ("-", "--", ":")):  # the two implicit curves nearly coincide
+            line.set_linestyle(style)
+            line.set_linewidth(2.0)
+        ax.axvline(E, color="grey", ls="-.", lw=1, label=f"E = {E} (slider)")
+        if key == 0:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        plt.show()
     return expansion_costs(E, N_phys, Dv_big, d_big, m)
 
 
@@ -280,8 +292,9 @@ print("inline UltraMemV2 == umv2_ref UltraMemV2")
 
 # %% [markdown]
 # Which physical rows fire for which token, and with what weight $a_i\,s_i$ (summed over cores): weights
-# are signed — a pre-score can be negative, so a slot can *subtract* its value — and a row reached from
-# several grid positions can fire for tokens whose grid slots differ.
+# are signed — a pre-score can be negative, so a slot can *subtract* its value. And with `key_expand=2`
+# each physical row is reachable from $E=4$ grid positions, so a row can fire for tokens whose grid
+# slots differ; the cell below the plots counts how often that happens in this batch.
 
 # %%
 fig = viz.slot_activations(rows[:10], w[:10], cfg_v2.window,
@@ -290,6 +303,17 @@ plt.show()
 fig = viz.value_distributions({"pre-scores a_i": a, "retrieval scores s_i (summed over cores)": sc.sum(-1)},
                               title="what multiplies each value row", xlabel="value")
 plt.show()
+
+# %%
+slots_of_row = {}  # physical row -> the distinct grid slots through which this batch read it
+for v, r in zip(vi.flatten().tolist(), rows.flatten().tolist()):
+    slots_of_row.setdefault(r, set()).add(v)
+shared = {r: sorted(v) for r, v in slots_of_row.items() if len(v) > 1}
+print(f"{len(shared)} of the {len(slots_of_row)} physical rows read by these {x.shape[0]} tokens were reached "
+      f"from two or more different grid slots")
+for r, vs in list(shared.items())[:3]:
+    print(f"  row {r}: grid slots {vs}")
+assert all(int(v2.shuffle[v]) % cfg_v2.window == r for r, vs in shared.items() for v in vs)  # same row, really
 
 # %% [markdown]
 # ## 4. Parameter and compute accounting (papers.md §7.8–7.9)

@@ -26,6 +26,16 @@ from umv2_ref.notebook import setup
 SMOKE = setup()
 
 # %%
+# The UltraMemV2 block as a diagram (shapes for a batch of T tokens): the memory layer runs in
+# parallel with a shrunk FFN on the same normalised input, in every block.
+import matplotlib.pyplot as plt
+
+from umv2_ref import viz
+
+viz.ultramemv2_block_diagram()
+plt.show()
+
+# %%
 import math
 
 import matplotlib.pyplot as plt

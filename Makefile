@@ -42,6 +42,15 @@ test: setup
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=0 --timeout=900 \
 		--nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks
 
+## Real-browser test: notebooks 01, 02, 04 run in JupyterLab in headless Chromium, a slider redraws, and
+# the offline HTML typesets its math.  Installs Debian's chromium + chromium-driver when missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+test-browser: setup
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; fi
+	UMV2_BROWSER=1 $(TEST_ENV) $(PY) -m pytest -v -p no:cacheprovider --timeout=900 tests/test_browser.py
+
 ## Only the Python tests (no notebooks), for quick iteration.
 test-fast: setup
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q -p no:cacheprovider tests

@@ -542,7 +542,7 @@ print(f"official / paper memory variance, layer 1: values (sigma_V {lo.values.st
 #   layer).  The last line splits the factor into its causes: $\sigma_V = 0.02$ instead of Eq. 26's value,
 #   to the fourth power, is by far the largest; the code's *wider* projections ($W_{pre}$ std $1/\sqrt h$,
 #   $W_v$ std $1/\sqrt{D_v}$ instead of $\sqrt{2/(5h)}$) win part of it back; the uncalibrated gain
-#   $D_k^{-0.4}$ (mean top-m score below 1) takes a little more away.
+#   $D_k^{-0.4}$ gives smaller scores than the paper's calibrated gain and takes another factor away.
 # * **naive**: the memory branch is more than a thousand times *louder* (printed per layer): $\sigma_V = 1$ to
 #   the fourth power times PyTorch's larger linear init.  After the first block the residual stream is
 #   essentially memory noise, and every later attention layer and FFN reads (the normalised version of)
@@ -625,7 +625,8 @@ print(versus("naive"))
 print(versus("official"))
 assert (final["naive"] > final["paper"]).all(), "the naive init should train slower in every seed"
 assert all(r[1][-1] > 100 for r in runs["naive"]), "the naive memory branch still dominates at the end of the run"
-assert all(r[1][-1] > 30 * r[1][0] for r in runs["official"]), "Adam grows the quiet official-init memory quickly"
+growth = 5 if SMOKE else 30  # the smoke run has only a few steps
+assert all(r[1][-1] > growth * r[1][0] for r in runs["official"]), "Adam grows the quiet official-init memory quickly"
 
 # %% [markdown]
 # What the runs show, on this tiny model (4 layers, width 64, 3 seeds; the numbers are printed above):
@@ -635,7 +636,7 @@ assert all(r[1][-1] > 30 * r[1][0] for r in runs["official"]), "Adam grows the q
 #   optimiser spends its steps shrinking noise instead of learning.
 # * **official**: the memory branch starts orders of magnitude too quiet, but Adam's normalised updates
 #   (about `lr` per parameter per step, independent of how small the gradient is) grow it more than
-#   thirtyfold within these few dozen steps; how its loss compares with the paper init's is the second
+#   thirtyfold within the 60 steps of the full run (start and end ratios printed above); how its loss compares with the paper init's is the second
 #   line printed above, with its spread over seeds — a short run on a tiny model, so read it as that, not
 #   as a ranking.  The paper's concern is scale: at width 768+ and 20+ layers a branch that is silent for
 #   its first thousands of steps wastes real compute, and no constant $\sigma_V$ is "right" when the

@@ -210,11 +210,18 @@ def test_offline_page_typesets_math_without_network(driver, tmp_path):
     nb.write_text(build_notebooks.build_text(
         "# %% [markdown]\n# Inline $s_{row}[i] + s_{col}[j]$ and $$\\sigma_V = \\left(\\frac{0.2 k h}{k L}\\right)^{1/4}$$\n"))
     assert render_html.main([str(nb), "--out", str(tmp_path / "build"), "--no-execute"]) == 0
-    driver.get((tmp_path / "build" / "01_math.html").as_uri())
-    typeset = _wait(lambda: driver.execute_script(
-        "return document.querySelectorAll('.MathJax, .MathJax_Display, .MathJax_CHTML, mjx-container').length"),
-        60, "MathJax to typeset the equations")
-    assert typeset >= 2
-    resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
-    assert resources and all(r.startswith("file://") for r in resources), resources
-    assert "$s_{row}" not in driver.find_element("css selector", "body").text  # no raw TeX left on the page
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions",  # the browser is offline from here on
+                           {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
+    try:
+        driver.get((tmp_path / "build" / "01_math.html").as_uri())
+        typeset = _wait(lambda: driver.execute_script(
+            "return document.querySelectorAll('.MathJax, .MathJax_Display, .MathJax_CHTML, mjx-container').length"),
+            60, "MathJax to typeset the equations")
+        assert typeset >= 2
+        assert driver.execute_script("return typeof MathJax !== 'undefined' && !!MathJax.Hub")
+        text = driver.find_element("css selector", "body").text
+        assert "$" not in text and "\\frac" not in text, "raw TeX left on the page"
+    finally:
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions",
+                               {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})

@@ -173,9 +173,15 @@ def test_build_refuses_to_overwrite_an_edited_notebook_and_can_sync_it_back(repo
     build_notebooks.from_ipynb(repo, [nb])
     assert "return 42" in src.read_text()
     assert build_notebooks.worktree_problems(repo) == []
+    # a notebook git changed (checkout, merge) is rebuilt, and so is one with merge-conflict markers
+    _git(repo, "add", "-A")
+    src.write_text(src.read_text().replace("x = 1 + 1", "x = 2 + 2"))
+    assert "wrote" in build_notebooks.build(repo, [src])[0]
+    nb.write_text("<<<<<<< HEAD\n" + nb.read_text())
+    assert "rebuilt" in build_notebooks.build(repo, [src])[0]
     # an author's edit of the source is built as usual, twice in a row
     for value in ("3", "4"):
-        src.write_text(src.read_text().replace("x = 1 + 1" if value == "3" else "x = 3", f"x = {value}"))
+        src.write_text(src.read_text().replace("x = 2 + 2" if value == "3" else "x = 3", f"x = {value}"))
         build_notebooks.build(repo, [src])
         assert f"x = {value}" in nb.read_text()
 

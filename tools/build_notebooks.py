@@ -17,9 +17,10 @@ committed form: no outputs, stable cell ids ``cell-000, ...`` (``tools/nbstrip.p
 
 A notebook whose cells were edited since it was built (in an editor without Jupytext) is never
 overwritten silently: the build refuses and names the two ways out.  "Edited" means its cells match
-neither the build of git's copy of the source nor the last notebook this script wrote
-(``build/.notebook-builds.json``); outside git and without that record, an .ipynb newer than its
-source counts as edited.
+neither git's copy of the notebook, nor the build of git's copy of the source, nor the last notebook
+this script wrote (``build/.notebook-builds.json``); outside git and without that record, an .ipynb
+newer than its source counts as edited.  A notebook that is not valid JSON (merge-conflict markers)
+is rebuilt.
 """
 from __future__ import annotations
 
@@ -122,9 +123,18 @@ def _save_record(root: Path, record: dict) -> None:
 
 
 def hand_edited(root: Path, src: Path, target: Path, record: dict) -> bool:
-    """True if ``target``'s cells come from neither git's source nor this script's last build."""
+    """True if ``target``'s cells were changed by hand: they match neither git's copy of the notebook,
+    nor the build of git's copy of the source, nor the last notebook this script wrote."""
     cells = _cells(target.read_text())
     known = False
+    staged_nb = git_index_text(root, target.relative_to(root).as_posix())
+    if staged_nb is not None:
+        known = True
+        try:
+            if cells == _cells(staged_nb):
+                return False  # as git has it (a checkout, a merge): nothing of the author's to lose
+        except ValueError:
+            pass
     staged_src = git_index_text(root, src.relative_to(root).as_posix())
     if staged_src is not None:
         known = True
@@ -152,6 +162,13 @@ def build(root: Path, sources: list[Path], force: bool = False) -> list[str]:
         rel = target.relative_to(root)
         if target.exists():
             current = target.read_text()
+            try:
+                json.loads(current)
+            except ValueError:  # e.g. merge-conflict markers: rebuild it from the (resolved) source
+                target.write_text(text)
+                record[target.name] = _digest(text)
+                lines.append(f"rebuilt {rel} (it was not valid JSON)")
+                continue
             if _cells(current) == _cells(text):
                 if nbstrip.has_outputs(json.loads(current)):
                     lines.append(f"kept {rel} (same cells; its outputs stay)")

@@ -251,3 +251,14 @@ def test_value_expansion_diagram_follows_the_shuffle():
     assert len([p for p in ax.patches if p.get_gid() == "virtual_selected"]) == len(picks)
     with pytest.raises(ValueError, match="multiple"):
         viz.value_expansion_diagram(n=3, expand=4)
+
+
+def test_each_schematic_is_drawn_in_its_notebooks():
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "notebooks" / "src"
+    where = {"01": "product_key_diagram", "02": "tdqkr_diagram", "03": "value_expansion_diagram",
+             "04": "ultramemv2_block_diagram", "06": "ultramemv2_block_diagram", "07": "fused_kernel_diagram"}
+    for number, name in where.items():
+        (path,) = src.glob(f"{number}_*.py")
+        assert f"viz.{name}(" in path.read_text(), f"{path.name} should draw viz.{name}()"

@@ -70,7 +70,7 @@ def key_score_grid(
 
     Args:
         grid: ``[n, n]`` scores, ``grid[i, j]`` for slot ``i * n + j``.
-        selected: flat slot ids to outline in red (e.g. the top-k), any shape.
+        selected: flat slot ids to outline in red (black on a categorical grid), e.g. the top-k.
         row_candidates, col_candidates: per-axis candidate rows / columns (the k x k candidate set
             of the product-key search or the rank-1 prefilter): marked by orange bars in the margin,
             while the other rows and columns are dimmed.
@@ -109,9 +109,10 @@ def key_score_grid(
         ax.set_xlim(-1.9, n - 0.5)
         ax.set_ylim(n - 0.5, -1.9)
     chosen = [] if selected is None else [int(s) for s in _np(selected).reshape(-1).tolist()]
+    outline = "red" if categories is None else "black"  # categories use red as a colour
     for s in chosen:
         i, j = divmod(s, n)
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.6, gid="selected"))
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=outline, linewidth=1.8, gid="selected"))
     if returned is not None:
         got = {int(s) for s in _np(returned).reshape(-1).tolist()}
         for s in chosen:
@@ -218,9 +219,7 @@ def slot_usage(counts, title: str = "slot usage", bins: int = 30) -> Figure:
     im = ax_map.imshow(c.reshape(n, n), cmap=cmap, vmin=vmin, vmax=max(vmin * 1.0001, c.max()),
                        interpolation="nearest")
     fig.colorbar(im, ax=ax_map, shrink=0.85, label="accesses", extend="min")
-    ax_map.legend(handles=[Patch(color=DEAD_COLOR, label=f"dead (0 reads): {m['dead']}")], loc="upper center",
-                  bbox_to_anchor=(0.5, -0.13), fontsize=8, frameon=False)
-    ax_map.set(title="reads per slot on the key grid", xlabel="column key j", ylabel="row key i")
+    ax_map.set(title="reads per slot (red: dead, 0 reads)", xlabel="column key j", ylabel="row key i")
     _integer_ticks(ax_map)
     ax_map.grid(False)
     integer = np.allclose(c, np.round(c)) and c.max() - c.min() <= 4 * bins

@@ -441,12 +441,12 @@ plt.show()
 after = {qn: viz.usage_metrics(r[3]) for qn, r in runs.items()}
 assert after["batch"]["fraction_used"] > after[None]["fraction_used"]
 assert after["batch"]["kl_uniform"] < after[None]["kl_uniform"]
-revived = init_usage["query norm: None"]["dead"] - after[None]["dead"]
-print(f"without query norm, training revived {revived} of {init_usage['query norm: None']['dead']} dead slots "
-      f"({after[None]['dead']} still dead); with BatchNorm {after['batch']['dead']} are dead")
+dead_init = init_usage["query norm: None"]["dead"]
+print(f"without query norm: {dead_init} dead slots at init, {after[None]['dead']} after {steps} steps "
+      f"(net change {after[None]['dead'] - dead_init:+d}); with BatchNorm: {after['batch']['dead']} dead")
 if not SMOKE:
     assert runs["batch"][2] < runs[None][2]  # and it fits the task better
-    assert revived > 0  # dead slots do come back: the query projection moves
+    assert after[None]["dead"] < dead_init / 2  # most dead slots come back: the query projection moves
 
 # %% [markdown]
 # ## Summary
@@ -456,9 +456,10 @@ if not SMOKE:
 #   *exactly* the brute-force top-$k$.
 # * Heads multiply the slots read per token; all heads share one value table.
 # * A memory is only as large as the slots it uses. Query BatchNorm removes the shared component of
-#   the inputs and keeps usage high from the first step; without it most slots start dead. Training
-#   revives part of them (the query projection moves although dead keys do not), but the layer still
-#   ends with fewer slots in use and a less even spread than with BatchNorm (numbers printed above).
+#   the inputs and keeps usage high from the first step; without it most slots start dead. Over the
+#   full-size run (1500 steps) training brings most of them back — the query projection moves
+#   although dead keys do not; a short run need not — but the layer still ends with fewer slots in use
+#   and a less even spread than with BatchNorm (numbers printed above).
 # * In a causal language model BatchNorm leaks future tokens through its batch statistics, so the
 #   language models later in this course use a per-token LayerNorm, which keeps the leak out but
 #   not the shared direction.

@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 # Smoke mode shrinks notebook and training sizes so the suite fits CI (2 CPU cores, no GPU).
 TEST_ENV := UMV2_SMOKE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0 TQDM_DISABLE=1
 
-.PHONY: setup lab git-filters notebooks test test-browser test-fast bench clean
+.PHONY: setup lab notebooks test test-fast bench clean
+.PHONY: git-filters test-browser
 
 setup: $(STAMP)
 

@@ -408,201 +408,6 @@ def recall_plot(x, recalls: Mapping[str, object], xlabel: str, title: str = "rec
     return line_plot(x, recalls, xlabel, "recall", title=title, logx=logx, ylim=(0, 1.05), hline=1.0)
 
 
-# --- values and init (notebooks 04, 05) ---
-
-
-def _positive(label: str, y) -> np.ndarray:
-    y = _np(y).astype(float)
-    if not np.all(np.isfinite(y)) or (y <= 0).any():
-        raise ValueError(f"{label} must be finite and > 0 to draw on a log axis, got min {y.min():.3g}")
-    return y
-
-
-def _log_x(ax) -> None:
-    """Log x axis labelled at 1, 2, 5 x 10^k in plain numbers (default minor labels overlap)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def log_curves(x, curves: Mapping[str, object], xlabel: str, ylabel: str, title: str = "", logx: bool = False,
-               hlines: Mapping[str, float] | None = None) -> Figure:
-    """Positive curves over a shared x on a log y axis (variance per layer, a ratio per training step).
-
-    curves: label -> y values (shape of x, all > 0).  hlines: label -> y of a dashed horizontal
-    reference line (e.g. the variance a derivation predicts).
-    """
-    x = _np(x).astype(float)
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for label, y in curves.items():
-        y = _positive(f"curve {label!r}", y)
-        if y.shape != x.shape:
-            raise ValueError(f"curve {label!r} has shape {y.shape}, x has {x.shape}")
-        ax.plot(x, y, marker="o" if x.size <= 40 else None, ms=3.5, label=label)  # no dots on long curves
-    for i, (label, y) in enumerate((hlines or {}).items()):
-        ax.axhline(y, color=f"C{len(curves) + i}", ls="--", lw=1.2, label=label)
-    ax.set_yscale("log")
-    if logx:
-        _log_x(ax)
-    elif x.size <= 20 and np.allclose(x, np.round(x)):
-        ax.set_xticks(x)  # integer positions (layers): no fractional ticks
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def variance_steps(steps: Sequence[str], predicted, measured,
-                   title: str = "predicted vs measured variance, step by step") -> Figure:
-    """Paired bars (log scale) of a derivation's predicted and Monte-Carlo variances, one pair per step.
-
-    Each pair is annotated with measured / predicted (text artists with ``gid="ratio"``).
-    """
-    pred = _positive("predicted", predicted).reshape(-1)
-    meas = _positive("measured", measured).reshape(-1)
-    if not len(steps) == pred.size == meas.size:
-        raise ValueError(f"need one predicted and one measured value per step; got {len(steps)}, {pred.size}, {meas.size}")
-    pos = np.arange(len(steps))
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(steps)), 3.8))
-    ax.bar(pos - 0.2, pred, width=0.4, color="tab:blue", label="predicted")
-    ax.bar(pos + 0.2, meas, width=0.4, color="tab:orange", label="measured (Monte-Carlo)")
-    for p, a, b in zip(pos, pred, meas):
-        ax.text(p, max(a, b) * 1.25, f"x{b / a:.2f}", ha="center", fontsize=8, gid="ratio")
-    ax.set_yscale("log")
-    ax.set_ylim(min(pred.min(), meas.min()) / 3, max(pred.max(), meas.max()) * 4)
-    ax.set_xticks(pos, list(steps), fontsize=8)
-    ax.set(title=title, ylabel="variance")
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    return fig
-
-
-def prediction_vs_measurement(x, predicted, measured, xlabel: str, ylabel: str, title: str = "",
-                              hlines: Mapping[str, float] | None = None, marker: float | None = None,
-                              marker_label: str = "current") -> Figure:
-    """A scaling law on log-log axes: the prediction as a line, measurements as dots.
-
-    hlines: label -> y of dashed reference lines (e.g. the FFN variance a branch should match);
-    marker: x of a dotted vertical line (the current choice, e.g. Eq. 26's sigma_V), labelled
-    ``marker_label = x``.
-    """
-    x = _positive("x", x)
-    pred, meas = _positive("predicted", predicted), _positive("measured", measured)
-    if not x.shape == pred.shape == meas.shape:
-        raise ValueError(f"x, predicted and measured must share one shape; got {x.shape}, {pred.shape}, {meas.shape}")
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
-    ax.plot(x, pred, color="tab:blue", label="prediction")
-    ax.scatter(x, meas, color="tab:orange", zorder=3, s=22, label="measured (Monte-Carlo)")
-    for i, (label, y) in enumerate((hlines or {}).items()):
-        ax.axhline(y, color=f"C{2 + i}", ls="--", lw=1.2, label=label)
-    if marker is not None:
-        ax.axvline(marker, color="grey", ls=":", label=f"{marker_label} = {marker:.3g}")
-    _log_x(ax)
-    ax.set(yscale="log", title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-# --- training (notebooks 06, 08) ---
-
-
-def loss_curves(curves: Mapping[str, tuple[object, object]], title: str = "validation loss", ylabel: str = "loss",
-                xlabel: str = "step", hline: float | None = None) -> Figure:
-    """One line per run, each with its own steps: ``curves[label] = (steps, values)`` (1-D, same length).
-
-    ``hline`` draws a dotted reference level (e.g. ``log V``, the loss of a uniform guess).
-    """
-    fig, ax = plt.subplots(figsize=(6.2, 3.5))
-    for label, (x, y) in curves.items():
-        x, y = _np(x).astype(float), _np(y).astype(float)
-        if x.ndim != 1 or x.shape != y.shape:
-            raise ValueError(f"curve {label!r}: steps {x.shape} and values {y.shape} must be equal-length 1-D")
-        ax.plot(x, y, marker="o" if x.size <= 40 else None, ms=3, label=label)  # no dots on long curves
-    if hline is not None:
-        ax.axhline(hline, color="grey", ls=":")
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def usage_heatmap(counts, steps, title: str = "slot usage over training", sort: bool = True) -> Figure:
-    """How often each memory slot was read, per evaluation: ``counts [n_evals, n_slots]``.
-
-    Colour is a slot's share of the lookups relative to uniform use (1 = its fair share, log scale;
-    slots never read sit at the floor 1e-2).  With ``sort`` the columns are ordered by the last
-    evaluation's counts, so a collapse onto few slots shows as a bright left edge.
-    """
-    from matplotlib.colors import LogNorm
-
-    counts, steps = _np(counts).astype(float), _np(steps)
-    if counts.ndim != 2 or counts.shape[0] != steps.shape[0]:
-        raise ValueError(f"counts must be [n_evals, n_slots] with one row per step; got {counts.shape}, {steps.shape}")
-    if (counts.sum(1) <= 0).any():
-        raise ValueError("every evaluation row of counts needs at least one lookup")
-    rel = counts / counts.sum(1, keepdims=True) * counts.shape[1]  # [E, N], 1 = uniform share
-    if sort:
-        rel = rel[:, np.argsort(-counts[-1], kind="stable")]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(steps) + 1.6))
-    im = ax.imshow(np.clip(rel, 1e-2, None), aspect="auto", interpolation="nearest", cmap="magma",
-                   norm=LogNorm(vmin=1e-2, vmax=max(10.0, rel.max())))
-    ax.set_yticks(range(len(steps)), [str(s) for s in steps])
-    ax.set(title=title, xlabel="slot" + (" (sorted by final use)" if sort else ""), ylabel="step")
-    ax.grid(False)
-    fig.colorbar(im, ax=ax, label="reads / uniform share")
-    fig.tight_layout()
-    return fig
-
-
-def task_bars(values: Mapping[str, Mapping[str, float]], ylabel: str, title: str = "") -> Figure:
-    """Grouped bars ``values[model][task]`` (e.g. final accuracy of every model on every task)."""
-    models = list(values)
-    tasks = list(dict.fromkeys(t for v in values.values() for t in v))
-    width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks) + 2), 3.5))
-    for i, model in enumerate(models):
-        heights = [values[model].get(t, np.nan) for t in tasks]
-        ax.bar(np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width, heights, width, label=model)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set(title=title, ylabel=ylabel)
-    ax.legend(fontsize=8, ncol=min(3, len(models)))
-    fig.tight_layout()
-    return fig
-
-
-# --- kernels (notebook 07) ---
-
-
-def bytes_breakdown(versions: Mapping[str, Mapping[str, float]], title: str = "bytes moved per forward") -> Figure:
-    """Stacked horizontal bars: for each implementation, the bytes of each memory-traffic component.
-
-    versions: implementation name -> {component: bytes}.  Components missing from a version count 0.
-    """
-    if not versions:
-        raise ValueError("versions must name at least one implementation")
-    components = list(dict.fromkeys(c for parts in versions.values() for c in parts))
-    names = list(versions)
-    fig, ax = plt.subplots(figsize=(7, 0.7 * len(names) + 1.6))
-    left = np.zeros(len(names))
-    for comp in components:
-        gb = np.array([float(versions[n].get(comp, 0.0)) for n in names]) / 1e9
-        if (gb < 0).any():
-            raise ValueError(f"component {comp!r} has negative bytes")
-        ax.barh(names, gb, left=left, label=comp)
-        left += gb
-    for y, total in enumerate(left):
-        ax.text(total, y, f" {total:.2f} GB", va="center", fontsize=8)
-    ax.set(xlabel="GB", title=title, xlim=(0, left.max() * 1.25 if left.max() > 0 else 1))
-    ax.invert_yaxis()
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------
 # Schematic diagrams (notebooks 01-04, 06, 07): boxes for operations, tensors and parameters,
 # arrows labelled with the shape of the tensor they carry.  Drawn with plain matplotlib patches;
@@ -894,3 +699,199 @@ def fused_kernel_diagram() -> Figure:
     _edge(ax, k, (15.3, 1.3), "z: [T, D_v], written once", label_at=0.5, fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# --- values and init (notebooks 04, 05) ---
+
+
+def _positive(label: str, y) -> np.ndarray:
+    y = _np(y).astype(float)
+    if not np.all(np.isfinite(y)) or (y <= 0).any():
+        raise ValueError(f"{label} must be finite and > 0 to draw on a log axis, got min {y.min():.3g}")
+    return y
+
+
+def _log_x(ax) -> None:
+    """Log x axis labelled at 1, 2, 5 x 10^k in plain numbers (default minor labels overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def log_curves(x, curves: Mapping[str, object], xlabel: str, ylabel: str, title: str = "", logx: bool = False,
+               hlines: Mapping[str, float] | None = None) -> Figure:
+    """Positive curves over a shared x on a log y axis (variance per layer, a ratio per training step).
+
+    curves: label -> y values (shape of x, all > 0).  hlines: label -> y of a dashed horizontal
+    reference line (e.g. the variance a derivation predicts).
+    """
+    x = _np(x).astype(float)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for label, y in curves.items():
+        y = _positive(f"curve {label!r}", y)
+        if y.shape != x.shape:
+            raise ValueError(f"curve {label!r} has shape {y.shape}, x has {x.shape}")
+        ax.plot(x, y, marker="o" if x.size <= 40 else None, ms=3.5, label=label)  # no dots on long curves
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, color=f"C{len(curves) + i}", ls="--", lw=1.2, label=label)
+    ax.set_yscale("log")
+    if logx:
+        _log_x(ax)
+    elif x.size <= 20 and np.allclose(x, np.round(x)):
+        ax.set_xticks(x)  # integer positions (layers): no fractional ticks
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def variance_steps(steps: Sequence[str], predicted, measured,
+                   title: str = "predicted vs measured variance, step by step") -> Figure:
+    """Paired bars (log scale) of a derivation's predicted and Monte-Carlo variances, one pair per step.
+
+    Each pair is annotated with measured / predicted (text artists with ``gid="ratio"``).
+    """
+    pred = _positive("predicted", predicted).reshape(-1)
+    meas = _positive("measured", measured).reshape(-1)
+    if not len(steps) == pred.size == meas.size:
+        raise ValueError(f"need one predicted and one measured value per step; got {len(steps)}, {pred.size}, {meas.size}")
+    pos = np.arange(len(steps))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(steps)), 3.8))
+    ax.bar(pos - 0.2, pred, width=0.4, color="tab:blue", label="predicted")
+    ax.bar(pos + 0.2, meas, width=0.4, color="tab:orange", label="measured (Monte-Carlo)")
+    for p, a, b in zip(pos, pred, meas):
+        ax.text(p, max(a, b) * 1.25, f"x{b / a:.2f}", ha="center", fontsize=8, gid="ratio")
+    ax.set_yscale("log")
+    ax.set_ylim(min(pred.min(), meas.min()) / 3, max(pred.max(), meas.max()) * 4)
+    ax.set_xticks(pos, list(steps), fontsize=8)
+    ax.set(title=title, ylabel="variance")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def prediction_vs_measurement(x, predicted, measured, xlabel: str, ylabel: str, title: str = "",
+                              hlines: Mapping[str, float] | None = None, marker: float | None = None,
+                              marker_label: str = "current") -> Figure:
+    """A scaling law on log-log axes: the prediction as a line, measurements as dots.
+
+    hlines: label -> y of dashed reference lines (e.g. the FFN variance a branch should match);
+    marker: x of a dotted vertical line (the current choice, e.g. Eq. 26's sigma_V), labelled
+    ``marker_label = x``.
+    """
+    x = _positive("x", x)
+    pred, meas = _positive("predicted", predicted), _positive("measured", measured)
+    if not x.shape == pred.shape == meas.shape:
+        raise ValueError(f"x, predicted and measured must share one shape; got {x.shape}, {pred.shape}, {meas.shape}")
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    ax.plot(x, pred, color="tab:blue", label="prediction")
+    ax.scatter(x, meas, color="tab:orange", zorder=3, s=22, label="measured (Monte-Carlo)")
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, color=f"C{2 + i}", ls="--", lw=1.2, label=label)
+    if marker is not None:
+        ax.axvline(marker, color="grey", ls=":", label=f"{marker_label} = {marker:.3g}")
+    _log_x(ax)
+    ax.set(yscale="log", title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --- training (notebooks 06, 08) ---
+
+
+def loss_curves(curves: Mapping[str, tuple[object, object]], title: str = "validation loss", ylabel: str = "loss",
+                xlabel: str = "step", hline: float | None = None) -> Figure:
+    """One line per run, each with its own steps: ``curves[label] = (steps, values)`` (1-D, same length).
+
+    ``hline`` draws a dotted reference level (e.g. ``log V``, the loss of a uniform guess).
+    """
+    fig, ax = plt.subplots(figsize=(6.2, 3.5))
+    for label, (x, y) in curves.items():
+        x, y = _np(x).astype(float), _np(y).astype(float)
+        if x.ndim != 1 or x.shape != y.shape:
+            raise ValueError(f"curve {label!r}: steps {x.shape} and values {y.shape} must be equal-length 1-D")
+        ax.plot(x, y, marker="o" if x.size <= 40 else None, ms=3, label=label)  # no dots on long curves
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls=":")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def usage_heatmap(counts, steps, title: str = "slot usage over training", sort: bool = True) -> Figure:
+    """How often each memory slot was read, per evaluation: ``counts [n_evals, n_slots]``.
+
+    Colour is a slot's share of the lookups relative to uniform use (1 = its fair share, log scale;
+    slots never read sit at the floor 1e-2).  With ``sort`` the columns are ordered by the last
+    evaluation's counts, so a collapse onto few slots shows as a bright left edge.
+    """
+    from matplotlib.colors import LogNorm
+
+    counts, steps = _np(counts).astype(float), _np(steps)
+    if counts.ndim != 2 or counts.shape[0] != steps.shape[0]:
+        raise ValueError(f"counts must be [n_evals, n_slots] with one row per step; got {counts.shape}, {steps.shape}")
+    if (counts.sum(1) <= 0).any():
+        raise ValueError("every evaluation row of counts needs at least one lookup")
+    rel = counts / counts.sum(1, keepdims=True) * counts.shape[1]  # [E, N], 1 = uniform share
+    if sort:
+        rel = rel[:, np.argsort(-counts[-1], kind="stable")]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(steps) + 1.6))
+    im = ax.imshow(np.clip(rel, 1e-2, None), aspect="auto", interpolation="nearest", cmap="magma",
+                   norm=LogNorm(vmin=1e-2, vmax=max(10.0, rel.max())))
+    ax.set_yticks(range(len(steps)), [str(s) for s in steps])
+    ax.set(title=title, xlabel="slot" + (" (sorted by final use)" if sort else ""), ylabel="step")
+    ax.grid(False)
+    fig.colorbar(im, ax=ax, label="reads / uniform share")
+    fig.tight_layout()
+    return fig
+
+
+def task_bars(values: Mapping[str, Mapping[str, float]], ylabel: str, title: str = "") -> Figure:
+    """Grouped bars ``values[model][task]`` (e.g. final accuracy of every model on every task)."""
+    models = list(values)
+    tasks = list(dict.fromkeys(t for v in values.values() for t in v))
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks) + 2), 3.5))
+    for i, model in enumerate(models):
+        heights = [values[model].get(t, np.nan) for t in tasks]
+        ax.bar(np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width, heights, width, label=model)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set(title=title, ylabel=ylabel)
+    ax.legend(fontsize=8, ncol=min(3, len(models)))
+    fig.tight_layout()
+    return fig
+
+
+# --- kernels (notebook 07) ---
+
+
+def bytes_breakdown(versions: Mapping[str, Mapping[str, float]], title: str = "bytes moved per forward") -> Figure:
+    """Stacked horizontal bars: for each implementation, the bytes of each memory-traffic component.
+
+    versions: implementation name -> {component: bytes}.  Components missing from a version count 0.
+    """
+    if not versions:
+        raise ValueError("versions must name at least one implementation")
+    components = list(dict.fromkeys(c for parts in versions.values() for c in parts))
+    names = list(versions)
+    fig, ax = plt.subplots(figsize=(7, 0.7 * len(names) + 1.6))
+    left = np.zeros(len(names))
+    for comp in components:
+        gb = np.array([float(versions[n].get(comp, 0.0)) for n in names]) / 1e9
+        if (gb < 0).any():
+            raise ValueError(f"component {comp!r} has negative bytes")
+        ax.barh(names, gb, left=left, label=comp)
+        left += gb
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.2f} GB", va="center", fontsize=8)
+    ax.set(xlabel="GB", title=title, xlim=(0, left.max() * 1.25 if left.max() > 0 else 1))
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+

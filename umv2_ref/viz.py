@@ -894,4 +894,3 @@ def bytes_breakdown(versions: Mapping[str, Mapping[str, float]], title: str = "b
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
-

@@ -208,7 +208,8 @@ def test_offline_page_typesets_math_without_network(driver, tmp_path):
 
     nb = tmp_path / "01_math.ipynb"
     nb.write_text(build_notebooks.build_text(
-        "# %% [markdown]\n# Inline $s_{row}[i] + s_{col}[j]$ and $$\\sigma_V = \\left(\\frac{0.2 k h}{k L}\\right)^{1/4}$$\n"))
+        "# %% [markdown]\n# Inline $s_{row}[i] + s_{col}[j]$, primes $C'=\\{c'_1..c'_n\\}$ and\n"
+        "# $$\\sigma_V = \\left(\\frac{0.2 k h}{k L}\\right)^{1/4}$$\n"))
     assert render_html.main([str(nb), "--out", str(tmp_path / "build"), "--no-execute"]) == 0
     driver.execute_cdp_cmd("Network.enable", {})
     driver.execute_cdp_cmd("Network.emulateNetworkConditions",  # the browser is offline from here on
@@ -222,6 +223,7 @@ def test_offline_page_typesets_math_without_network(driver, tmp_path):
         assert driver.execute_script("return typeof MathJax !== 'undefined' && !!MathJax.Hub")
         text = driver.find_element("css selector", "body").text
         assert "$" not in text and "\\frac" not in text, "raw TeX left on the page"
+        assert "Math Processing Error" not in text
     finally:
         driver.execute_cdp_cmd("Network.emulateNetworkConditions",
                                {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})

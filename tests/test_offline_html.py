@@ -42,6 +42,7 @@ def test_page_loads_nothing_from_the_network_and_typesets_with_local_mathjax(tmp
     assert not NETWORK.findall(page), NETWORK.findall(page)[:5]
     assert f'src="{render_html.MATHJAX_URL}"' in page
     assert (out / "mathjax" / "MathJax.js").is_file() and (out / "mathjax" / "config" / "TeX-AMS-MML_HTMLorMML-full.js").is_file()
+    assert 'webFont: "STIX-Web"' in page and any((out / "mathjax" / "fonts" / "HTML-CSS" / "STIX-Web").rglob("*.woff"))
     assert r"s_{row}[i] + s_{col}[j]" in page  # left for MathJax, inside the inline delimiters it is told about
     # the widget: no renderer, no widget state; its default view is a static image under a note
     assert "widget-view+json" not in page and "widget-state+json" not in page and "require" not in page.lower()

@@ -553,7 +553,7 @@ print(f"official / paper memory variance, layer 1: values (sigma_V {lo.values.st
 # (seed = model initialisation and batch order), the same three for every init.
 
 # %%
-STEPS = 10 if SMOKE else 60
+STEPS = 10 if SMOKE else 40
 SEEDS = (0, 1, 2)
 
 
@@ -629,14 +629,14 @@ growth = 5 if SMOKE else 30  # the smoke run has only a few steps
 assert all(r[1][-1] > growth * r[1][0] for r in runs["official"]), "Adam grows the quiet official-init memory quickly"
 
 # %% [markdown]
-# What the runs show, on this tiny model (4 layers, width 64, 3 seeds; the numbers are printed above):
+# What the runs show, on this tiny model (4 layers, width 64, 3 seeds, 40 steps; the numbers are printed above):
 #
 # * **naive**: the loss lags behind from the first steps on and ends above the paper init in every seed,
 #   and the memory branch is still more than a hundred times louder than the FFN at the end: the
 #   optimiser spends its steps shrinking noise instead of learning.
 # * **official**: the memory branch starts orders of magnitude too quiet, but Adam's normalised updates
 #   (about `lr` per parameter per step, independent of how small the gradient is) grow it more than
-#   thirtyfold within the 60 steps of the full run (start and end ratios printed above); how its loss compares with the paper init's is the second
+#   thirtyfold within the 40 steps of the full run (start and end ratios printed above); how its loss compares with the paper init's is the second
 #   line printed above, with its spread over seeds — a short run on a tiny model, so read it as that, not
 #   as a ranking.  The paper's concern is scale: at width 768+ and 20+ layers a branch that is silent for
 #   its first thousands of steps wastes real compute, and no constant $\sigma_V$ is "right" when the

@@ -553,7 +553,7 @@ print(f"official / paper memory variance, layer 1: values (sigma_V {lo.values.st
 # (seed = model initialisation and batch order), the same three for every init.
 
 # %%
-STEPS = 10 if SMOKE else 40
+STEPS = 5 if SMOKE else 40
 SEEDS = (0, 1, 2)
 
 
@@ -599,7 +599,7 @@ fig = viz.log_curves(step_axis, geo_ratio, "step", "memory / FFN output variance
                      hlines={"balanced": 1.0})
 
 # %%
-TAIL = 5 if SMOKE else 10  # the last steps, averaged: one number per run
+TAIL = 3 if SMOKE else 10  # the last steps, averaged: one number per run
 final = {s: torch.tensor([r[0][-TAIL:].mean().item() for r in runs[s]]) for s in SCHEMES}  # [seeds]
 for s in SCHEMES:
     start = torch.tensor([r[1][0].item() for r in runs[s]])
@@ -625,7 +625,7 @@ print(versus("naive"))
 print(versus("official"))
 assert (final["naive"] > final["paper"]).all(), "the naive init should train slower in every seed"
 assert all(r[1][-1] > 100 for r in runs["naive"]), "the naive memory branch still dominates at the end of the run"
-growth = 5 if SMOKE else 30  # the smoke run has only a few steps
+growth = 2 if SMOKE else 30  # the smoke run has only a few steps
 assert all(r[1][-1] > growth * r[1][0] for r in runs["official"]), "Adam grows the quiet official-init memory quickly"
 
 # %% [markdown]

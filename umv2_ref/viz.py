@@ -180,7 +180,7 @@ def factor_quadrants(a, b, exact_rows, exact_cols, found, title: str = "rank-1 f
 
 
 # ---------------------------------------------------------------------------------------------
-# Slot usage ("dead keys"; papers.md Sec. 2.3, 7.7)
+# Slot usage ("dead keys"; docs/references.md Sec. 2.3, 7.7)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ from umv2_ref.values import weighted_sum
 #
 # $$\mathcal I = \mathrm{TopK}_k\big(\{q(x)^\top k_i\}_{i=1}^{N}\big),\qquad
 #   w = \mathrm{softmax}\big((q(x)^\top k_i)_{i\in\mathcal I}\big),\qquad
-#   m(x) = \sum_{i\in\mathcal I} w_i\, V[i]. \qquad\text{(PKM Sec. 3; papers.md §2.1)}$$
+#   m(x) = \sum_{i\in\mathcal I} w_i\, V[i]. \qquad\text{(PKM Sec. 3; docs/references.md §2.1)}$$
 #
 # Reading $k$ rows costs $k\,D_v$ multiply-adds whatever $N$ is, so $N$ can grow to millions of
 # slots. The catch is the first step: **finding** the top-$k$ keys. Done naively it scores all
@@ -223,7 +223,7 @@ interact(show_product_keys, k=(1, 16), seed=(0, 20), n=(16, 48, 8));
 # %% [markdown]
 # ## 4. Multi-head PKM, by hand
 #
-# A PKM layer runs $H$ such searches in parallel (multi-head memory, papers.md §2.1): each head $h$ has its own query
+# A PKM layer runs $H$ such searches in parallel (multi-head memory, docs/references.md §2.1): each head $h$ has its own query
 # projection slice and its own two sub-key sets, selects its own $k$ slots, applies a softmax
 # over its $k$ scores, and all heads read **the same** value table; their reads are summed:
 #
@@ -259,7 +259,7 @@ print("inline multi-head PKM == umv2_ref.layers.PKM; slots read per token:", ref
 # ## 5. Which slots get used? Query normalisation
 #
 # A slot whose key is never in anyone's top-$k$ is **dead**: it is never read, so its value never
-# receives a gradient and its key never moves. PKM's evaluation code (papers.md §2.3) measures this with
+# receives a gradient and its key never moves. PKM's evaluation code (docs/references.md §2.3) measures this with
 # the access distribution $z_i = c_i/\sum_j c_j$ over a validation set ($c_i$ = how often slot $i$ was
 # selected):
 #
@@ -268,7 +268,7 @@ print("inline multi-head PKM == umv2_ref.layers.PKM; slots read per token:", ref
 #
 # KL is 0 for perfectly uniform access and $\log(1/f)$ when a fraction $f$ of the slots is used
 # uniformly. A reference point for "dead" plots: with $A$ uniformly random accesses, expected usage
-# is $1-(1-1/N)^A\approx 1-e^{-A/N}$ (papers.md §7.7).
+# is $1-(1-1/N)^A\approx 1-e^{-A/N}$ (docs/references.md §7.7).
 #
 # ### Exercise 2 — usage metrics
 #
@@ -287,7 +287,7 @@ check("nb01_usage_metrics", my_usage_metrics)
 # Real hidden states are **anisotropic**: they share a large common component (a mean offset)
 # on top of the token-specific part. A linear query inherits it, $q = W_q(\mu + \varepsilon) =
 # W_q\mu + W_q\varepsilon$, and when $\|W_q\mu\|$ dominates, every token's query points the same
-# way and picks the same few slots. PKM puts a **BatchNorm** on the queries (papers.md §2.1):
+# way and picks the same few slots. PKM puts a **BatchNorm** on the queries (docs/references.md §2.1):
 # subtracting the batch mean removes $W_q\mu$ and rescaling spreads the queries over all keys;
 # the paper credits it with higher usage and lower KL. Here we can watch the effect directly.
 #

@@ -40,7 +40,7 @@ from umv2_ref.values import expanded_lookup, peer_values, weighted_sum
 # retrieval grid of notebook 02 is made $E\cdot N$ slots large ($n^2 = E N$). A fixed random
 # permutation $\pi$ (`shuffle`) maps virtual slot $v$ to block $p=\lfloor\pi(v)/N\rfloor$ and physical row
 # $\pi(v)\bmod N$; shuffling stops the $E$ copies of one physical row from sitting next to each other
-# on the grid (papers.md §5.7).
+# on the grid (docs/references.md §5.7).
 #
 # The layer's output is a score-weighted sum of the selected virtual rows. Split the selected slots
 # by block, with $\hat s_p$ the (sparse, length-$N$) vector of scores landing in block $p$:
@@ -150,8 +150,8 @@ check("nb03_implicit_expansion", my_implicit_expansion)
 #
 # The implicit form pays $E D_v D'$ dense multiply-adds per token — $E$ small projections, the same
 # for every token — to avoid **storing** $E N D'$ parameters (and reading them: memory layers are
-# bound by memory traffic, papers.md §5.1). UltraMem Table 3 reports $E=4$ costing +6.6 % FLOPs for
-# −0.017 validation loss. Below, these formulas for one layer of UltraMem-227M's size (papers.md §7.8):
+# bound by memory traffic, docs/references.md §5.1). UltraMem Table 3 reports $E=4$ costing +6.6 % FLOPs for
+# −0.017 validation loss. Below, these formulas for one layer of UltraMem-227M's size (docs/references.md §7.8):
 # $N=808^2$ physical rows, $E=4$ (a $1616\times1616$ grid of virtual slots), $D_v=384$, $d=768$, $m=32$.
 
 # %%
@@ -184,7 +184,7 @@ assert uc.macs == retr.macs + ours[1]
 assert costs.module_cost(layer).params == costs.count_params(layer)  # formula == the real small layer
 print(f"one UltraMem layer: {costs.format_count(uc.params)} params, {costs.format_count(uc.macs)} MACs per token; "
       f"values {costs.format_count(N_phys * Dv_big)} (x 4 layers = {costs.format_count(4 * N_phys * Dv_big)}, "
-      f"UltraMem-227M's sparse parameters, papers.md §7.8)")
+      f"UltraMem-227M's sparse parameters, docs/references.md §7.8)")
 
 # %%
 def show_costs(E=4, m=32):
@@ -242,7 +242,7 @@ print("shared projection == sum the virtual blocks first == plain weighted sum o
 # %% [markdown]
 # So in UltraMemV2 the "expansion" survives only as **addressing**: the grid has $n^2$ slots, each
 # physical row is reachable from $E$ grid positions, and the values are read once. In the layer
-# this is `key_expand` (the official `mem_key_expand_time`, papers.md §6.3): a grid of $n^2$ slots
+# this is `key_expand` (the official `mem_key_expand_time`, docs/references.md §6.3): a grid of $n^2$ slots
 # over $(n/\text{key\_expand})^2$ rows, i.e. $E=\text{key\_expand}^2$.
 #
 # ### Exercise 2 — the shared projection
@@ -316,7 +316,7 @@ for r, vs in list(shared.items())[:3]:
 assert all(int(v2.shuffle[v]) % cfg_v2.window == r for r, vs in shared.items() for v in vs)  # same row, really
 
 # %% [markdown]
-# ## 4. Parameter and compute accounting (papers.md §7.8–7.9)
+# ## 4. Parameter and compute accounting (docs/references.md §7.8–7.9)
 #
 # Per token and layer (one head, per-rank queries, prefilter $k=m$):
 #
@@ -325,7 +325,7 @@ assert all(int(v2.shuffle[v]) % cfg_v2.window == r for r, vs in shared.items() f
 #   + \underbrace{dD_p}_{W_{pre}} + \underbrace{m(D_p+D_v)}_{\text{pre-scores, pooling}} + \underbrace{D_v d}_{W_v}.$$
 #
 # For the README model of the official code ($d=768$, $r=2$, $D_k=192$, $n=1138$, $m=32$, $D_p=D_v=192$)
-# papers.md §7.9 gives ≈1.78M MACs per token and layer, against 5.75M for its shrunk SwiGLU FFN.
+# docs/references.md §7.9 gives ≈1.78M MACs per token and layer, against 5.75M for its shrunk SwiGLU FFN.
 
 # %%
 d_, r_, Dk_, n_, c_, m_, Dp_, Dv_ = 768, 2, 192, 1138, 2, 32, 192, 192
@@ -338,7 +338,7 @@ swiglu = 3 * 768 * 2496  # the README model's shrunk SwiGLU FFN
 print(f"UltraMemV2 README layer: {costs.format_count(macs_inline)} MACs/token (SwiGLU FFN {costs.format_count(swiglu)}), "
       f"{m_ * (Dp_ + Dv_):,} value parameters read per token")
 
-# sparse parameters of the papers' models (papers.md §7.8)
+# sparse parameters of the papers' models (docs/references.md §7.8)
 sparse = {"UltraMem-227M: 4 x 808^2 x 384": 4 * 808**2 * 384,
           "UltraMemV2-227M: 20 x 360^2 x (192 + 192)": 20 * 360**2 * (192 + 192),
           "UltraMemV2-1B/7B: 16 x 528^2 x (768 + 384)": 16 * 528**2 * (768 + 384)}

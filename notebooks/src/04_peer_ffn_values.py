@@ -44,7 +44,7 @@ from umv2_ref.retrieval import tucker_topk
 # the same vector, up to scale.
 #
 # PEER makes each slot a tiny expert with a *down* vector $u_i$ and an *up* vector $v_i$, i.e. an MLP
-# with a single hidden neuron (papers.md §3.1):
+# with a single hidden neuron (docs/references.md §3.1):
 #
 # $$e_i(x) = \sigma(u_i^\top x)\, v_i, \qquad f(x) = \sum_{h=1}^{H} \sum_{i \in I^h(x)} g^h_i(x)\, \sigma(u_i^\top x)\, v_i ,$$
 #
@@ -123,7 +123,7 @@ print("inline PEER == umv2_ref.PEER;", "slots per token:", idx_peer.shape[-1])
 # %% [markdown]
 # ## 2. UltraMemV2: FFN values without an activation (Eqs. 13–15)
 #
-# UltraMemV2 adopts PEER's idea with three changes (§3.4; papers.md §6.4):
+# UltraMemV2 adopts PEER's idea with three changes (§3.4; docs/references.md §6.4):
 #
 # * the input is first projected to a small width, $\tilde x = W_{pre}\,\bar x \in \mathbb R^{D_p}$, and
 #   each slot holds a **pre-value** $P[i] \in \mathbb R^{D_p}$ (PEER's $u_i$) and a **value**
@@ -206,7 +206,7 @@ plt.show()
 # %% [markdown]
 # ## 3. Multi-core scoring: one score per core, one channel slice per core
 #
-# With $c$ Tucker cores (UltraMem's multi-core scoring, papers.md §5.6), TDQKR produces one grid
+# With $c$ Tucker cores (UltraMem's multi-core scoring, docs/references.md §5.6), TDQKR produces one grid
 # per core, $G_c[i,j] = S_{row}[i]^\top C_c\, S_{col}[j]$.  The **ranking** uses the sum over cores, but
 # the **pooling** does not collapse them: the value row is split into $c$ contiguous slices of
 # width $D_v/c$, and core $c$'s score weights slice $c$:
@@ -215,7 +215,7 @@ plt.show()
 # V[i] = \big[V[i,\text{slice}_1];\dots;V[i,\text{slice}_c]\big].$$
 #
 # So `scores` has shape `[T, m, c]`.  UltraMemV2's paper does not mention it, but the released code
-# keeps two cores and this slicing (papers.md §8 item 4).  Each core's score then controls its own part
+# keeps two cores and this slicing (docs/references.md §8 item 4).  Each core's score then controls its own part
 # of every value row, at no extra lookup cost: the same $m$ rows are read either way.
 #
 # Written with an explicit loop over cores:
@@ -407,7 +407,7 @@ assert by_rank[:2].mean() > by_rank[-2:].mean() and first_is_largest < 0.5
 # reads the exact top-$m$ of the full grid.  The cell prints how many of the 8 slots the two agree on.
 # Watch how slowly the cosine approaches 1: with raw scores and signed pre-scores, every extra slot
 # still moves the output.  This fits one of the paper's findings: the number of *activated* slots
-# (top-m) matters more than the total number of sparse parameters (papers.md §6.1).
+# (top-m) matters more than the total number of sparse parameters (docs/references.md §6.1).
 
 # %%
 with torch.no_grad():

@@ -2,7 +2,7 @@
 # # 05 — Initialisation: matching the memory branch to the FFN (UltraMemV2, Appendix A)
 #
 # In UltraMemV2 every transformer block has **two** branches reading the same normalised hidden state
-# $\bar x_l$ and writing into the residual stream (papers.md §6.2):
+# $\bar x_l$ and writing into the residual stream (docs/references.md §6.2):
 #
 # $$x_{l+1} = h_l + \mathrm{FFN}(\bar x_l) + \mathrm{Mem}_l(\bar x_l).$$
 #
@@ -21,7 +21,7 @@
 # 6. multi-core scoring, which Eq. 22 does not see;
 # 7. what goes wrong with the released code's constants and with a naive init, in a small LM.
 #
-# Notation (papers.md §6.5): $h$ = model width, $L$ = layers, $k$ = top-m, $n_{head}$ = memory heads
+# Notation (docs/references.md §6.5): $h$ = model width, $L$ = layers, $k$ = top-m, $n_{head}$ = memory heads
 # (1 in UltraMemV2), $d_{prev} = D_p$, $d_v = D_v$, $k_{inner}$ = FFN inner width / $h$.
 # Everything the notebook derives inline is asserted equal to `umv2_ref.init`, which the models use.
 
@@ -62,7 +62,7 @@ results = {}  # prediction vs measurement, collected for the summary at the end
 #
 # $$\mathrm{Var}(W\bar x) = h \cdot \frac{2}{5h} = 0.4 .$$
 #
-# For $h = 768$ the std is 0.0228218, exactly the `init_std` of the official README (papers.md §7.1).
+# For $h = 768$ the std is 0.0228218, exactly the `init_std` of the official README (docs/references.md §7.1).
 
 # %%
 h = 256
@@ -120,7 +120,7 @@ print(f"E[silu(z)^2] = {gate_m2_silu:.4f}  vs the paper's 0.4  ->  Eq. 25 overes
 # %% [markdown]
 # Now measure a real SwiGLU (`umv2_ref.model.SwiGLU`, the FFN of the tiny LM) initialised exactly as
 # Appendix A says, and compare the paper's three numbers with the exact-SiLU prediction and the
-# measurement.  This is papers.md §7.2's finding: the FFN branch is about **3× smaller** than Eq. 25.
+# measurement.  This is the finding of docs/references.md §7.2: the FFN branch is about **3× smaller** than Eq. 25.
 
 # %%
 ffn = SwiGLU(h, int(k_inner * h))
@@ -228,7 +228,7 @@ fig = viz.variance_steps(steps, predicted, measured, title="memory branch at ini
 # retrieval, **tune the query/key norm gain $g$ until the mean top-m score is 1**, and read off
 # $\sigma_s^2$ as the variance of the top-m scores.
 #
-# Why tuning one gain is enough, and by how much to tune it (papers.md §7.4): queries and keys are
+# Why tuning one gain is enough, and by how much to tune it (docs/references.md §7.4): queries and keys are
 # normalised, then multiplied by $g$.  A row score $q^\top K_{row}[i]$ is a product of two such vectors,
 # so it scales as $g^2$; a grid score $S_{row}[i]^\top C\, S_{col}[j]$ multiplies a row and a column
 # score, so it scales as $g^4$.  The *selection* does not change under a positive rescale, so the mean
@@ -237,7 +237,7 @@ fig = viz.variance_steps(steps, predicted, measured, title="memory branch at ini
 # $$g \leftarrow g\,\mu^{-1/4}$$
 #
 # moves the mean to 1.  The released code instead uses a constant $g = D_k^{-0.4}$, which gives means
-# between 0.29 and 0.75 on the paper's configurations (papers.md §7.4 table).
+# between 0.29 and 0.75 on the paper's configurations (docs/references.md §7.4).
 #
 # The Monte-Carlo, inline (per-rank queries as in the layer; after the norm only a direction is
 # random, so Gaussian draws stand in for any query projection):
@@ -295,7 +295,7 @@ assert_close(sigma_s2_inline, sigma_s2_pkg, rtol=1e-3, atol=0)
 print(f"sigma_s^2 moves Eq. 26's sigma_V by a factor (1 + sigma_s^2)^(-1/4) = {(1 + sigma_s2_inline) ** -0.25:.3f}")
 
 # %% [markdown]
-# $\sigma_s^2$ is small (0.015–0.085 on the paper's configurations, papers.md §7.4; larger here because
+# $\sigma_s^2$ is small (0.015–0.085 on the paper's configurations, docs/references.md §7.4; larger here because
 # our $n$ and $D_k$ are small), and it enters $\sigma_V$ only through $(1+\sigma_s^2)^{-1/4}$: a few percent.  The *mean* matters far more: a mean score of
 # $\mu$ instead of 1 multiplies the memory variance by $\mu^2$.  The layer in section 3 was built with
 # this calibrated gain, which is why its measured scores had mean ≈ 1.
@@ -309,7 +309,7 @@ print(f"sigma_s^2 moves Eq. 26's sigma_V by a factor (1 + sigma_s^2)^(-1/4) = {(
 # \quad\Longrightarrow\quad
 # \sigma_V = \left(\frac{0.2\,k_{inner}\,h}{k\,n_{head}\,(1+\sigma_s^2)\,d_{prev}\,d_v\,L}\right)^{1/4}. \qquad (\text{Eq. 26})$$
 #
-# The text extracted from the PDF prints the left-hand side as $\sigma_V^2$ (papers.md §8 item 7), but
+# The text extracted from the PDF prints the left-hand side as $\sigma_V^2$ (docs/references.md §8 item 7), but
 # the algebra needs the **fourth** power: $\sigma_V$ multiplies the output twice, through the
 # pre-values and through the values.  Reading it as a square root is not a small slip: for the
 # README's 227M configuration it gives $\sigma_V \approx 0.005$ instead of 0.068, a memory branch
@@ -335,10 +335,10 @@ def eq26(h, n_layers, k_inner, k, d_prev, d_v, sigma_s2, heads=1):
     return (0.2 * k_inner * h / (k * heads * (1 + sigma_s2) * d_prev * d_v * n_layers)) ** 0.25
 
 
-readme = dict(h=768, n_layers=20, k_inner=3.25, k=32, d_prev=192, d_v=192, sigma_s2=0.01)  # papers.md §7.3
+readme = dict(h=768, n_layers=20, k_inner=3.25, k=32, d_prev=192, d_v=192, sigma_s2=0.01)  # docs/references.md §7.3
 sigma_readme = eq26(**readme)
 sigma_sqrt = eq26(**readme) ** 2  # the square-root misreading: sigma_V = (...)^(1/2)
-print(f"README 227M: sigma_V = {sigma_readme:.4f} (papers.md: 0.0677); with exponent 1/2: {sigma_sqrt:.5f}, "
+print(f"README 227M: sigma_V = {sigma_readme:.4f} (docs/references.md §7.3: 0.0677); with exponent 1/2: {sigma_sqrt:.5f}, "
       f"variance {(sigma_readme / sigma_sqrt) ** 4:.1e}x too small")
 assert abs(sigma_readme - 0.0677) < 5e-4
 assert_close(eq26(h, L, k_inner, k, dp, dv, sigma_s2), sigma_v)  # what init_ultramemv2_ chose in section 3
@@ -408,7 +408,7 @@ interact(show_value_scale, scale=(0.25, 2.0, 0.05));
 # %% [markdown]
 # ## 6. Multi-core scoring: what Eq. 22 does not see
 #
-# The released code keeps two Tucker cores (papers.md §8 item 4), and with multi-core scoring core $c$'s
+# The released code keeps two Tucker cores (docs/references.md §8 item 4), and with multi-core scoring core $c$'s
 # score weights only channel slice $c$ of each value (notebook 04).  The calibration sets the mean of
 # the **summed** score to 1, so each of two similar cores carries about half of it, and the value
 # coordinates see $\mathbb E[s_c^2] \approx \tfrac14$ instead of $1 + \sigma_s^2$.  Step 3 of the
@@ -452,7 +452,7 @@ results["memory output, per-core E[s_c^2] (2 cores)"] = (per_core_prediction, me
 # inits of its memory layers; everything else (attention, FFN, embeddings) is the same small init:
 #
 # * **paper**: Appendix A, as derived above (the model's default);
-# * **official**: the released code's constants (papers.md §6.5 table): values and pre-values
+# * **official**: the released code's constants (docs/references.md §6.5 table): values and pre-values
 #   $\mathcal N(0, 0.02^2)$, $W_{pre}$ std $1/\sqrt h$, $W_v$ std $1/\sqrt{D_v}$, norm gain $D_k^{-0.4}$;
 # * **naive**: what you get from writing the layer with `nn.Embedding`-style tables and `nn.Linear`
 #   defaults: values and pre-values $\mathcal N(0, 1)$, PyTorch's default linear init, norm gain 1.
@@ -652,7 +652,7 @@ for name, (p, m) in results.items():
 
 # %% [markdown]
 # * Small init gives every linear output variance 0.4; Eq. 25 builds the FFN branch from it with a
-#   truncated-normal gate, which overstates the real SiLU FFN about 3.3× (section 2; papers.md §7.2).
+#   truncated-normal gate, which overstates the real SiLU FFN about 3.3× (section 2; docs/references.md §7.2).
 # * Eq. 22 builds the memory branch in five steps; every step matches a Monte-Carlo measurement.  The
 #   value std enters twice, hence $\sigma_V^4$ and Eq. 26's exponent **1/4**.
 # * The mean top-m score must be 1; grid scores scale as $g^4$, so one step $g \leftarrow g\mu^{-1/4}$

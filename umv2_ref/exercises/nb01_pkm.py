@@ -1,7 +1,7 @@
 """Exercises of notebook 01 (product-key memory).
 
 * ``nb01_product_key_topk``: the exact two-stage product-key top-k (PKM Sec. 3.2).
-* ``nb01_usage_metrics``: memory usage and KL to uniform of a batch of selections (papers.md Sec. 2.3).
+* ``nb01_usage_metrics``: memory usage and KL to uniform of a batch of selections (docs/references.md Sec. 2.3).
 """
 from __future__ import annotations
 

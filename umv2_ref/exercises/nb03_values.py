@@ -2,7 +2,7 @@
 
 * ``nb03_implicit_expansion``: UltraMem's ``o = sum_p W_p^T (V^T s_p)`` over E virtual blocks.
 * ``nb03_shared_projection``: UltraMemV2 Eq. 12, one projector ``W`` for every block.
-* ``nb03_v2_macs``: multiply-accumulates per token of an UltraMemV2 layer (papers.md Sec. 7.9).
+* ``nb03_v2_macs``: multiply-accumulates per token of an UltraMemV2 layer (docs/references.md Sec. 7.9).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Exercises of notebook 06 (UltraMemV2 inside a tiny language model).
 
 * ``nb06_umv2_block``: the block output ``x_{l+1} = h + FFN(RMSNorm(h)) + Mem(RMSNorm(h))``
-  (papers.md Sec. 6.2) from its parts, with the memory's retrieval already done (rows and scores
+  (docs/references.md Sec. 6.2) from its parts, with the memory's retrieval already done (rows and scores
   given) and its value path as UltraMemV2 Eq. 15.
 * ``nb06_lr_schedule``: the learning rates of one optimiser step -- warmup + cosine for the dense
-  weights, times UltraMem's decaying multiplier for the memory values (papers.md Sec. 7.10).
+  weights, times UltraMem's decaying multiplier for the memory values (docs/references.md Sec. 7.10).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ JupyterLab autosaves outputs into the working notebooks (tested below with a scr
 outside git they fall back to the working files.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,9 @@ def test_jupyterlab_save_through_jupytext_pairing_leaves_sources_unchanged(tmp_p
     from jupytext.sync_contentsmanager import build_sync_jupytext_contents_manager_class
 
     shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns("__pycache__"))
+    for src in (tmp_path / "notebooks" / "src").glob("[0-9][0-9]_*.py"):  # the author's order: edit, then build
+        os.utime(src, (src.stat().st_atime, src.stat().st_mtime - 30))
+    assert build_notebooks.build(tmp_path, sorted((tmp_path / "notebooks" / "src").glob("[0-9][0-9]_*.py")))
     manager = build_sync_jupytext_contents_manager_class(FileContentsManager)(root_dir=str(tmp_path))
     for src in sorted((tmp_path / "notebooks" / "src").glob("[0-9][0-9]_*.py")):
         before = src.read_text()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,13 @@ def hand_edited(root: Path, src: Path, target: Path, record: dict) -> bool:
 # --- commands ----------------------------------------------------------------------------------
 
 
+def _same_age(target: Path, src: Path) -> None:
+    """Give a built notebook its source's modification time.  Jupytext (in JupyterLab) refuses to
+    open a paired notebook whose .ipynb is newer than its text file: it could hold edits the text
+    file lacks.  A notebook built from its source holds nothing newer than the source."""
+    os.utime(target, ns=(target.stat().st_atime_ns, src.stat().st_mtime_ns))
+
+
 def build(root: Path, sources: list[Path], force: bool = False) -> list[str]:
     """Write each source's notebook; returns one line per notebook.  Raises EditedNotebook."""
     record, lines, edited = _load_record(root), [], []
@@ -166,6 +174,7 @@ def build(root: Path, sources: list[Path], force: bool = False) -> list[str]:
                 json.loads(current)
             except ValueError:  # e.g. merge-conflict markers: rebuild it from the (resolved) source
                 target.write_text(text)
+                _same_age(target, src)
                 record[target.name] = _digest(text)
                 lines.append(f"rebuilt {rel} (it was not valid JSON)")
                 continue
@@ -177,11 +186,13 @@ def build(root: Path, sources: list[Path], force: bool = False) -> list[str]:
                 if current == text:
                     lines.append(f"up to date {rel}")
                     record[target.name] = _digest(text)
+                    _same_age(target, src)
                     continue
             elif not force and hand_edited(root, src, target, record):
                 edited.append(str(rel))
                 continue
         target.write_text(text)
+        _same_age(target, src)
         record[target.name] = _digest(text)
         lines.append(f"wrote {rel}")
     _save_record(root, record)

@@ -131,6 +131,12 @@ return Array.from(document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidde
 """
 
 
+ERRORS_JS = f"""
+return Array.from(document.querySelectorAll('{PANEL} .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
+    .map(e => e.textContent).filter(t => t.includes('Traceback') || /\\w+Error\\b/.test(t.split('\\n')[0]));
+"""
+
+
 def _wait(condition, timeout: float, what: str, poll: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,10 +180,17 @@ def test_notebook_runs_in_jupyterlab_and_its_slider_redraws(driver, lab, name):
     _run_all_cells(driver)
 
     def finished():
+        errors = driver.execute_script(ERRORS_JS)
+        if errors:  # Run All stops at an error: report it now instead of waiting for the timeout
+            raise AssertionError(f"{name}: a cell raised in JupyterLab:\n" + "\n".join(errors)[-3000:])
         prompts = driver.execute_script(PROMPTS_JS)
         return prompts and all(p[1:-2].isdigit() for p in prompts)  # "[12]:" everywhere, no "[*]:" or "[ ]:"
 
-    _wait(finished, RUN_TIMEOUT_S, f"all cells of {name} to run", poll=2.0)
+    try:
+        _wait(finished, RUN_TIMEOUT_S, f"all cells of {name} to run", poll=2.0)
+    except pytest.fail.Exception:
+        driver.save_screenshot(str(served / f"{name}-timeout.png"))
+        raise AssertionError(f"{name}: cell prompts when it stopped: {driver.execute_script(PROMPTS_JS)}") from None
     driver.find_element(By.CSS_SELECTOR, "body").send_keys(Keys.CONTROL, "s")
     saved = served / f"{name}.ipynb"
 

@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 TEST_ENV := UMV2_SMOKE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0 TQDM_DISABLE=1
 
 .PHONY: setup lab notebooks test test-fast bench gpu-check clean
+.PHONY: git-filters test-browser
 
 setup: $(STAMP)
 
@@ -22,21 +23,35 @@ $(STAMP): requirements.txt pyproject.toml
 # JupyterLab refuses to run as root (containers, cloud notebooks) unless told to.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-lab: setup
+lab: setup git-filters
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
 
-## Execute every notebook headless (full sizes unless UMV2_SMOKE=1) and render HTML into build/.
+## git sees notebooks without their outputs (.gitattributes, tools/nbstrip.py): outputs autosaved by
+# JupyterLab never reach a commit or `git diff`; edited cells do.  Only inside a git checkout.
+git-filters:
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git config filter.nbstrip.clean "python3 tools/nbstrip.py"; \
+		echo "git: notebook outputs are filtered (filter.nbstrip in .git/config)"; fi
+
+## Execute every notebook headless (full sizes unless UMV2_SMOKE=1) and render HTML into build/ that
+# works offline: local MathJax, each widget's default view as a static image (tools/render_html.py).
+# One thread: the models are tiny, and on a shared CPU extra threads make them many times slower.
 notebooks: setup
-	mkdir -p build
-	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
-		../$(VENV)/bin/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=3600 \
-			--output-dir ../build "$$nb" || exit 1; \
-	done
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) tools/render_html.py --out build --timeout 3600 notebooks/[0-9][0-9]_*.ipynb
 
 ## The whole test suite: reference, kernels (Triton interpreter on CPU), training, notebooks.
 test: setup
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=0 --timeout=900 \
 		--nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks
+
+## Real-browser test: notebooks 01, 02, 04 run in JupyterLab in headless Chromium, a slider redraws, and
+# the offline HTML typesets its math.  Installs Debian's chromium + chromium-driver when missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+test-browser: setup
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; fi
+	UMV2_BROWSER=1 $(TEST_ENV) $(PY) -m pytest -v -p no:cacheprovider --timeout=900 tests/test_browser.py
 
 ## Only the Python tests (no notebooks), for quick iteration.
 test-fast: setup

@@ -1,4 +1,4 @@
-"""Cost formulas: parameter counts equal the real modules; papers.md Sec. 7.8-7.9 worked numbers."""
+"""Cost formulas: parameter counts equal the real modules; docs/references.md Sec. 7.8-7.9 worked numbers."""
 import pytest
 import torch
 

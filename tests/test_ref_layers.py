@@ -1,4 +1,4 @@
-"""Layers: one regression test per pitfall of anchors.md Sec. 7, value sharing, and runnable configs."""
+"""Layers: one regression test per pitfall of docs/references.md §8, value sharing, and runnable configs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,7 +245,7 @@ def test_shared_query_feeds_every_rank():
 
 
 # ---------------------------------------------------------------------------------------------
-# Value sharing across layers (official share_ratio ring, anchors.md Sec. 4)
+# Value sharing across layers (official share_ratio ring, docs/references.md §6.8)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ model's size, embedding included), and every sparse configuration holds ~1.10M p
   and every FFN shrinks to 120.
 * ``ultramemv2``: a memory in every block in parallel with a SwiGLU shrunk to 108 (1.7d), knum 68,
   ``D_k=16``, ``D_p:D_v = 16:32``, top-m 32.  ``ultramemv2-shared``: the same pool shared with
-  ``share_ratio=0.5`` (every layer reads a window of 96^2 rows of the 4*68^2-row pool, papers.md
+  ``share_ratio=0.5`` (every layer reads a window of 96^2 rows of the 4*68^2-row pool, docs/references.md
   Sec. 6.8); its larger key tables cost a slightly smaller FFN (98).
 
 ``python -m umv2_ref.configs`` prints :func:`comparison_table` for all of them.
@@ -76,7 +76,7 @@ def config_costs(name: str, vocab_size: int = 256) -> ModelCosts:
 
 def comparison_table(names: tuple[str, ...] | list[str] = CONFIG_NAMES, vocab_size: int = 256) -> str:
     """Markdown table: total / activated parameters, MACs per token, bf16 parameter bytes read per
-    token in a decode step of batch 1 and 64 (papers.md Sec. 7.9 conventions, see umv2_ref.costs)."""
+    token in a decode step of batch 1 and 64 (docs/references.md Sec. 7.9 conventions, see umv2_ref.costs)."""
     rows = ["| config | total params | activated / token | MACs / token | bytes / token, B=1 | bytes / token, B=64 |",
             "|---|---:|---:|---:|---:|---:|"]
     for name in names:

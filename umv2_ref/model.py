@@ -16,7 +16,7 @@ One block (pre-norm, RMSNorm, rotary positions, causal SDPA attention, SwiGLU FF
 * ``ultramem``: SwiGLU everywhere plus skip-layer memories ``"a:b"`` that read block a's FFN
   input and add their output after block b (UltraMem v1), each with ``mem_heads`` retrieval heads.
 * ``ultramemv2``: a memory layer in *every* block, in parallel with a shrunk SwiGLU on the same
-  normalised input: ``x_{l+1} = h_l + FFN(xbar_l) + Mem_l(xbar_l)`` (papers.md Sec. 6.2), optionally
+  normalised input: ``x_{l+1} = h_l + FFN(xbar_l) + Mem_l(xbar_l)`` (docs/references.md Sec. 6.2), optionally
   with one :class:`~umv2_ref.layers.ValuePool` shared by all layers (``share_ratio``, Sec. 6.8).
 
 Memory sizes are flat ``mem_*`` fields mapped onto the layer configs by :func:`memory_config`.

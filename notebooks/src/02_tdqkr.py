@@ -66,7 +66,7 @@ print("grid rank:", torch.linalg.matrix_rank(grid).item(), "(at most r =", r, ")
 #
 # In an additive grid the runner-up **always** shares a row or a column with the winner (it is
 # $(i_1, j_2)$ or $(i_2, j_1)$), so a query can never pick two slots that differ in both keys as
-# its top two — UltraMem's motivation for a multiplicative grid (papers.md §5.3), which has no such
+# its top two — UltraMem's motivation for a multiplicative grid (docs/references.md §5.3), which has no such
 # constraint. Counted over many random queries:
 
 # %%
@@ -144,7 +144,7 @@ print("per-core scores of the exact top-m:", tuple(exact_scores.shape))
 # ## 2. The rank-1 prefilter
 #
 # Finding the exact top-$m$ of the Tucker grid means scoring all $n^2$ slots — the cost product keys
-# were invented to avoid. UltraMem (Eqs. 6–10, papers.md §5.4) approximates the summed core by its
+# were invented to avoid. UltraMem (Eqs. 6–10, docs/references.md §5.4) approximates the summed core by its
 # leading singular pair:
 #
 # $$\bar C = \sum_c C_c = U\Lambda V^\top \approx \lambda_1\, u v^\top
@@ -155,7 +155,12 @@ print("per-core scores of the exact top-m:", tuple(exact_scores.shape))
 # top-$m$ of those is the answer. In the layers, $(u, v)$ live in buffers refreshed once per
 # optimiser step (`refresh_rank1`), and the official code uses $k=m$.
 #
-# Inline, then checked against `tucker_topk(..., exact=False)`:
+# The pipeline as a diagram (shapes per token; $d$ model width, $n$ keys per axis, $c$ cores), then
+# inline and checked against `tucker_topk(..., exact=False)`:
+
+# %%
+fig = viz.tdqkr_diagram()
+plt.show()
 
 # %%
 m = k = cfg.topm
@@ -189,7 +194,7 @@ print("inline rank-1 prefilter == tucker_topk(exact=False)")
 # of $a$ and of $b$ proposes only the most positive factors, so the $(-)\times(-)$ slots are **never
 # proposed**. (PKM's sum has no such second mode: a large sum needs large terms.) Queries and keys
 # are normalised, so the factors are roughly symmetric around 0 and about half of the exact
-# top-$m$ sits in the negative quadrant (papers.md §7.5).
+# top-$m$ sits in the negative quadrant (docs/references.md §7.5).
 #
 # We measure **recall** — the fraction of the exact top-$m$ slots that the prefilter returns —
 # over the 512 random tokens, and split the exact top-$m$ by the sign of their factors.
@@ -333,9 +338,11 @@ assert by_k[-1]["recall"] == 1.0  # k = n: every slot is a candidate, the "prefi
 #
 # ### Try it
 #
-# The grid of one token with the exact top-$m$ outlined and the prefilter's $k$ candidate rows and
-# columns marked (orange bars; the other rows and columns are dimmed). Red cells outside the bright
-# candidate block are slots the prefilter cannot return.
+# The grid of one token with the exact top-$m$ outlined in red and the prefilter's $k$ candidate rows
+# and columns marked (orange bars; the other rows and columns are dimmed). A white dot marks an exact
+# top-$m$ slot the prefilter found, a white cross one it missed, and a dashed white square a slot the
+# prefilter returned in place of a missed one. Crosses outside the bright candidate block are slots the
+# prefilter cannot return, whatever their score.
 
 # %%
 def show_prefilter(ratio=0.2, k=16, token=0):
@@ -345,8 +352,8 @@ def show_prefilter(ratio=0.2, k=16, token=0):
     _, exact = tucker_topk(sr, sc, c, m, exact=True)
     _, approx = tucker_topk(sr, sc, c, m, k=k)
     rec = (exact[:, None] == approx[None, :]).any(-1).float().mean().item()
-    viz.key_score_grid(tucker_grid(sr, sc, c).sum(0), selected=exact, row_candidates=(sr @ u_).topk(k).indices,
-                       col_candidates=(sc @ v_).topk(k).indices,
+    viz.key_score_grid(tucker_grid(sr, sc, c).sum(0), selected=exact, returned=approx,
+                       row_candidates=(sr @ u_).topk(k).indices, col_candidates=(sc @ v_).topk(k).indices,
                        title=f"exact top-{m} (red), k = {k} candidates: recall {rec:.2f}")
     plt.show()
     return rec
@@ -387,7 +394,7 @@ check("nb02_prefilter_topk", my_prefilter_topk)
 # $$\mathcal L_{aux} = \frac{\alpha}{r-1}\sum_{i=2}^{r}\max(0,\ \lambda_i-\tau)^2 .$$
 #
 # The margin $\tau$ stops it from forcing $\bar C$ to exactly rank 1, which would throw away the
-# expressiveness the core was added for. Two facts worth knowing (papers.md §5.5, §8 item 10): the
+# expressiveness the core was added for. Two facts worth knowing (docs/references.md §5.5, §8 item 10): the
 # official code computes this loss but never adds it to the training loss, and UltraMemV2 drops it.
 # Our measurements say why it could not matter much: it helps only the $(+)\times(+)$ recall, and the
 # negative quadrant, half of the exact top-$m$, is out of reach whatever $\lambda_2$ is.

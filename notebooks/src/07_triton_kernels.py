@@ -33,6 +33,16 @@ import kernels  # sets TRITON_INTERPRET=1 itself when there is no GPU, before im
 print("Triton interpreter:", kernels.INTERPRETED)
 
 # %%
+# The value path as a diagram: the naive PyTorch gathers write [T, m, ...] intermediates to memory;
+# the fused kernel keeps them in registers and writes only z.
+import matplotlib.pyplot as plt
+
+from umv2_ref import viz
+
+viz.fused_kernel_diagram()
+plt.show()
+
+# %%
 from pathlib import Path
 
 import torch

@@ -128,7 +128,7 @@ def tucker_topk(
     """
     if exact:
         return reference_tucker_topk(s_row, s_col, cores, m, exact=True, k=k, rank1=rank1)
-    n, r = _check_tucker(s_row, s_col, cores, m)
+    n, r = _check_tucker(s_row, s_col, cores, m, k=k, rank1=rank1)
     k = m if k is None else k
     require_positive_int("k", k)
     if k > n or k * k < m:

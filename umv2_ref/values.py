@@ -64,6 +64,8 @@ def check_lookup(table: Tensor, indices: Tensor, weights: Tensor, table_name: st
             f"weights must have shape [..., m] or [..., m, c] matching indices {tuple(indices.shape)}; "
             f"got {tuple(weights.shape)}"
         )
+    if c == 0:
+        raise ValueError(f"weights [..., m, c] must have c >= 1 cores; got shape {tuple(weights.shape)}")
     if table.shape[1] % c:
         raise ValueError(f"{table_name} width D={table.shape[1]} must be divisible by the number of cores c={c}")
     require_indices_in_range("indices", indices, table.shape[0], table_name)

@@ -141,12 +141,12 @@ def _check_rank1(rank1: object, cores: Tensor) -> None:
     """``rank1`` must be a pair ``(u, v)`` of finite float vectors ``[r]`` on the cores' device."""
     r = cores.shape[-1]
     if not isinstance(rank1, (tuple, list)) or len(rank1) != 2:
-        raise ValueError(f"rank1 must be a pair (u, v) of [r] vectors, got {type(rank1).__name__}")
-    for name, t in zip(("rank1[0] (u)", "rank1[1] (v)"), rank1):
+        raise ValueError(f"rank1 must be a pair (u, v) of [r] tensors, got {type(rank1).__name__}")
+    for name, t in zip(("rank1[0]", "rank1[1]"), rank1):
         require_tensor(name, t)
         require_float(name, t)
         if tuple(t.shape) != (r,):
-            raise ValueError(f"{name} must have shape [r] = ({r},) (from cores); got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape [r] = [{r}], got {tuple(t.shape)}")
         require_same("device", **{name: t, "cores": cores})
         require_finite(name, t)
 

@@ -600,7 +600,7 @@ _topk_op.register_autograd(_backward, setup_context=_setup_context)
 def _check_args(s_row, s_col, cores, m, k, rank1, quadrants) -> tuple[int, int, int]:
     """The single validation call site: the reference's checks in the reference's order, then the
     kernel's own limits (rank1 shape: the kernel reads r entries of each).  -> n, r, k."""
-    n, r = _check_tucker(s_row, s_col, cores, m)
+    n, r = _check_tucker(s_row, s_col, cores, m, k=k, rank1=rank1, quadrants=quadrants)
     if isinstance(quadrants, bool) or not isinstance(quadrants, int) or quadrants not in (1, 2):
         raise ValueError(f"quadrants must be 1 or 2, got {quadrants!r}")
     k = m if k is None else k

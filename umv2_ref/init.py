@@ -272,7 +272,8 @@ def _calibrate(cfg: TuckerConfig, n_tokens: int, seed: int, cores: torch.Tensor 
     for _ in range(max_iter):
         stats = score_statistics(cfg, gain, n_tokens, seed, cores)
         if stats["mean"] <= 0:
-            raise ValueError(f"mean top-m score is {stats['mean']:.3g} <= 0; cannot calibrate a positive gain")
+            raise ValueError(f"mean top-m score is {stats['mean']:.3g} <= 0 (n_keys={cfg.n_keys}, topm={cfg.topm}); "
+                             "no positive norm gain makes it 1: use more keys or slots")
         if abs(stats["mean"] - 1.0) < tol:
             return gain, stats
         gain *= stats["mean"] ** -0.25

@@ -486,7 +486,7 @@ def naive_init_(layer):
 
 
 lm_cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=4, max_seq_len=64, ffn="ultramemv2", d_ff=128,
-                     mem_n_keys=16, mem_topk=8, mem_d_key=32, mem_d_value=32, mem_d_pre=32)
+                     mem_knum=16, mem_topk=8, mem_d_key=32, mem_d_value=32, mem_d_pre=32)
 SCHEMES = ("paper", "official", "naive")
 
 

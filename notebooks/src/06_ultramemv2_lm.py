@@ -90,7 +90,7 @@ def umv2_forward(model, tokens):
 with torch.no_grad():
     torch.testing.assert_close(umv2_forward(model, tokens), model(tokens).logits)
 print(f"{cfg.n_layers} blocks, each: attention + SwiGLU(d_ff={cfg.d_ff}) + UltraMemV2 "
-      f"({cfg.mem_n_keys}^2 = {cfg.mem_n_keys ** 2:,} slots, top-m = {cfg.mem_topk})")
+      f"({cfg.mem_knum}^2 = {cfg.mem_knum ** 2:,} slots, top-m = {cfg.mem_topk})")
 
 # %% [markdown]
 # ### Exercise 1 — the block from raw tensors

@@ -12,7 +12,7 @@ KINDS = ("pkm", "peer", "memoryplus", "ultramem", "ultramemv2")
 
 
 def tiny(ffn: str, **kw) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, ffn=ffn, mem_n_keys=8,
+    base = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, ffn=ffn, mem_knum=8,
                 mem_topk=4, mem_d_key=16, mem_d_value=16, n_experts=8, moe_topk=2)
     return ModelConfig(**{**base, **kw})
 

@@ -63,8 +63,8 @@ def test_expanded_lookup(cores):
     assert gradcheck(lambda t, s: expanded_lookup(t, virtual, s, shuffle, blocks), (table, scores))
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_tucker_topk_scores(exact):
+@pytest.mark.parametrize("exact,quadrants", [(True, 1), (False, 1), (False, 2)])
+def test_tucker_topk_scores(exact, quadrants):
     torch.manual_seed(3)
     n, r, c, m = 6, 2, 2, 4
     s_row, s_col, cores = rand(2, n, r), rand(2, n, r), torch.rand(c, r, r, dtype=F64).requires_grad_()
@@ -73,7 +73,7 @@ def test_tucker_topk_scores(exact):
     assert min(min_gap(s_row @ u), min_gap(s_col @ v)) > 1e-4  # prefilter candidates fixed
 
     def fn(sr, sc, cs):
-        return tucker_topk(sr, sc, cs, m, exact=exact, rank1=(u, v))[0]
+        return tucker_topk(sr, sc, cs, m, exact=exact, rank1=(u, v), quadrants=quadrants)[0]
 
     assert gradcheck(fn, (s_row, s_col, cores))
 

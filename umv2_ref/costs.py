@@ -1,6 +1,6 @@
 """Cost accounting per layer type: parameters, activated parameters, MACs and parameter reads.
 
-Closed-form formulas (papers.md Sec. 7.8-7.9) for every feed-forward kind the tiny models use,
+Closed-form formulas (docs/references.md Sec. 7.8-7.9) for every feed-forward kind the tiny models use,
 one function each, plus :func:`module_cost` (reads the sizes off a built module) and
 :func:`model_costs` (a whole :class:`~umv2_ref.model.TinyLM`).  Tests check that every formula's
 parameter count equals ``sum(p.numel())`` of the real module.
@@ -11,10 +11,10 @@ Conventions (per token, per layer):
   (queries, keys, norms, projections, router) plus the sparse units it picks (k experts, or m value
   rows).  Keys count as active: every token scores against all of them.
 * ``macs``: multiply-accumulates; norms, softmax and top-k comparisons are not counted, the
-  product-key candidate grid (``H k^2`` additions) and Tucker rescoring are (as papers.md Sec. 7.9).
+  product-key candidate grid (``H k^2`` additions) and Tucker rescoring are (as docs/references.md Sec. 7.9).
 * Decode reads: one step of ``B`` tokens reads ``step_params`` once (dense weights and the *full*
   key tables, whatever B) plus every *distinct* sparse unit hit, ``N (1 - (1 - e/N)^B)`` units of
-  ``unit_params`` each under uniform routing (papers.md Sec. 7.9): whole experts for MoE, single
+  ``unit_params`` each under uniform routing (docs/references.md Sec. 7.9): whole experts for MoE, single
   value rows for memory layers (``~ B m`` rows while ``B m << N``).
 """
 from __future__ import annotations
@@ -132,37 +132,40 @@ def peer_cost(d: int, n_keys: int, heads: int, d_key: int, topk: int, query_norm
 
 def tucker_retrieval_cost(d: int, n_keys: int, d_key: int, rank: int, cores: int, topm: int,
                           per_rank_queries: bool, prefilter_k: int | None = None, norm: str = "rms",
-                          heads: int = 1) -> Cost:
+                          heads: int = 1, quadrants: int = 1) -> Cost:
     """TDQKR with H heads (pairs of heads share a query, ``G = ceil(H/2)`` queries):
     params ``2 G r d D_k`` (or ``2 G d D_k`` with one query per axis) ``+ H (2 n' D_k r + c r^2)`` + the two
-    shared norms; MACs ``2 G r d D_k + H (2 n' D_k r + 2 n' r + c (m_rc r^2 + m_rc^2 r))``
-    (Sec. 7.9; ``m_rc`` = prefilter k).  H = 1 is UltraMemV2's single head."""
+    shared norms; MACs ``2 G r d D_k + H (2 n' D_k r + 2 n' r + Q c (m_rc r^2 + m_rc^2 r))``
+    (Sec. 7.9; ``m_rc`` = prefilter k, Q = prefilter quadrants).  H = 1 is UltraMemV2's single head."""
     nq = rank if per_rank_queries else 1
     groups = (heads + 1) // 2
     k = topm if prefilter_k is None else prefilter_k
     query = 2 * groups * nq * d * d_key
+    rescore = quadrants * cores * (k * rank**2 + k * k * rank)
     params = query + heads * (2 * n_keys * d_key * rank + cores * rank * rank) + 2 * _norm_params(norm, d_key)
-    macs = query + heads * (2 * n_keys * d_key * rank + 2 * n_keys * rank + cores * (k * rank**2 + k * k * rank))
+    macs = query + heads * (2 * n_keys * d_key * rank + 2 * n_keys * rank + rescore)
     return Cost(params, params, macs, params)
 
 
 def ultramem_cost(d: int, n_keys: int, d_key: int, rank: int, cores: int, topm: int, d_value: int, expand: int,
                   prefilter_k: int | None = None, norm: str = "rms", heads: int = 1,
-                  per_rank_queries: bool = False) -> Cost:
+                  per_rank_queries: bool = False, quadrants: int = 1) -> Cost:
     """UltraMem v1 (Sec. 7.9): H-head TDQKR with one query per axis and head pair, ``n'^2 / E``
     physical rows of ``D_v`` (H m read per token), E projectors ``E D_v d``; MACs add ``H m D_v + E D_v d``."""
-    ret = tucker_retrieval_cost(d, n_keys, d_key, rank, cores, topm, per_rank_queries, prefilter_k, norm, heads)
+    ret = tucker_retrieval_cost(d, n_keys, d_key, rank, cores, topm, per_rank_queries, prefilter_k, norm, heads,
+                                quadrants)
     proj = expand * d_value * d
     return _with_values(ret, proj, heads * topm * d_value + proj, n_keys**2 // expand, d_value, heads * topm)
 
 
 def ultramemv2_cost(d: int, n_keys: int, d_key: int, rank: int, cores: int, topm: int, d_pre: int, d_value: int,
                     window: int | None = None, per_rank_queries: bool = True, prefilter_k: int | None = None,
-                    norm: str = "rms", owns_values: bool = True) -> Cost:
+                    norm: str = "rms", owns_values: bool = True, quadrants: int = 1) -> Cost:
     """UltraMemV2 (Sec. 7.8-7.9): TDQKR + ``W_pre`` (``d D_p``) + ``W_v`` (``D_v d``) + ``window`` rows of
     ``D_p + D_v``; MACs add ``d D_p + m (D_p + D_v) + D_v d``.  ``window`` defaults to ``n'^2``;
     ``owns_values=False`` for a layer reading a shared :class:`ValuePool` (the pool is counted once)."""
-    ret = tucker_retrieval_cost(d, n_keys, d_key, rank, cores, topm, per_rank_queries, prefilter_k, norm)
+    ret = tucker_retrieval_cost(d, n_keys, d_key, rank, cores, topm, per_rank_queries, prefilter_k, norm,
+                                quadrants=quadrants)
     window = n_keys**2 if window is None else window
     dense = d * d_pre + d_value * d
     cost = _with_values(ret, dense, dense + topm * (d_pre + d_value), window, d_pre + d_value, topm)
@@ -207,11 +210,12 @@ def module_cost(module: nn.Module) -> Cost:
     if isinstance(module, UltraMem):
         c = module.cfg
         return ultramem_cost(c.d_model, c.n_keys, c.d_key, c.rank, c.cores, c.topm, c.d_value, c.expand,
-                             c.prefilter_k, c.norm, c.heads, c.per_rank_queries)
+                             c.prefilter_k, c.norm, c.heads, c.per_rank_queries, c.prefilter_quadrants)
     if isinstance(module, UltraMemV2):
         c = module.cfg
         return ultramemv2_cost(c.d_model, c.n_keys, c.d_key, c.rank, c.cores, c.topm, c.d_pre, c.d_value, c.window,
-                               c.per_rank_queries, c.prefilter_k, c.norm, owns_values=not module._pool)
+                               c.per_rank_queries, c.prefilter_k, c.norm, owns_values=not module._pool,
+                               quadrants=c.prefilter_quadrants)
     if isinstance(module, ValuePool):
         return value_pool_cost(*module.pre_values.shape, module.values.shape[1])
     if isinstance(module, ValueTable):

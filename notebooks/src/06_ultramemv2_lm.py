@@ -32,6 +32,16 @@ from umv2_ref.notebook import setup
 SMOKE = setup()
 
 # %%
+# The UltraMemV2 block as a diagram (shapes for a batch of T tokens): the memory layer runs in
+# parallel with a shrunk FFN on the same normalised input, in every block.
+import matplotlib.pyplot as plt
+
+from umv2_ref import viz
+
+viz.ultramemv2_block_diagram()
+plt.show()
+
+# %%
 import math
 
 import matplotlib.pyplot as plt
@@ -49,14 +59,14 @@ from umv2_ref.optim import cosine_lr, value_lr_multiplier
 #
 # UltraMemV2's first change to UltraMem (paper §3.2, change 1) is placement: *every* block gets a
 # memory layer, and the released code feeds it **the same normalised tensor as the FFN** and adds
-# its output next to the FFN's:
+# its output next to the FFN's (docs/references.md §6.2):
 #
 # $$h_l = x_l + \mathrm{Attn}\big(\mathrm{Norm}_1(x_l)\big),\qquad \bar x_l = \mathrm{Norm}_2(h_l),\qquad
 #   x_{l+1} = h_l + \mathrm{FFN}(\bar x_l) + \mathrm{Mem}_l(\bar x_l).$$
 #
 # The memory behaves like a huge sparse "shared expert" branch. To keep the compute per token
 # equal to the dense model, the FFN shrinks (here from 176 to 136 hidden units, $2.1d$; the
-# paper's released 227M configuration uses a SwiGLU of $3.25d$). The memory itself is
+# paper's released 227M configuration uses a SwiGLU of $3.25d$, docs/references.md §6.2). The memory itself is
 #
 # $$\mathrm{Mem}(\bar x) = W_v \sum_{i\in \mathrm{TopM}} \big(\langle P_i,\, W_{pre}\bar x\rangle\, s_i\big)\, V_i
 #   \qquad\text{(Eq. 15: PEER-style values without activation)}$$
@@ -85,10 +95,13 @@ with torch.no_grad():
     torch.testing.assert_close(umv2_forward(model, tokens), model(tokens).logits)
 assert (configs.get_config("dense").d_ff, cfg.d_ff) == (176, 136)  # the widths the text above quotes
 print(f"{cfg.n_layers} blocks, each: attention + SwiGLU(d_ff={cfg.d_ff}) + UltraMemV2 "
-      f"({cfg.mem_n_keys}^2 = {cfg.mem_n_keys ** 2:,} slots, top-m = {cfg.mem_topk})")
+      f"({cfg.mem_knum}^2 = {cfg.mem_knum ** 2:,} slots, top-m = {cfg.mem_topk})")
 
 # %% [markdown]
 # ### Exercise 1 — the block from raw tensors
+#
+# *Goal: assemble an UltraMemV2 block from raw tensors — memory in parallel with the FFN, both reading
+# RMSNorm(h).*
 #
 # Write the block output with plain tensor operations. The retrieval is already done: `rows[b, t]`
 # holds the $m$ value rows token $(b, t)$ reads and `scores[b, t]` their scores $s_i$. Use
@@ -111,7 +124,7 @@ check("nb06_umv2_block", my_umv2_block)
 # model's size, embedding included) and the sparse ones hold about 1.1M in total. They differ in
 # *how* they reach 1.1M: experts (MoE) or value rows (memory). The table counts per token the
 # multiply-accumulates and the bf16 parameter **bytes read** in one decode step of batch $B$
-# (the paper's memory-access argument, §4.2.8): an MoE reads whole experts, a memory layer only the $m$ rows it picked — but
+# (docs/references.md §7.9): an MoE reads whole experts, a memory layer only the $m$ rows it picked — but
 # every step it also reads all of its keys, whatever $B$.
 
 # %%
@@ -314,7 +327,7 @@ assert u["memory"] > u["intact"] - 1e-6 or SMOKE
 # memory values and pre-values sit in their own AdamW parameter group
 # (`umv2_ref.optim.param_groups`): under Adam a gradient scale cancels out, so a different step
 # size needs a different *learning rate*, not a scaled gradient. UltraMem multiplies it by a
-# factor that decays from $\tau = 4$ to 1:
+# factor that decays from $\tau = 4$ to 1 (docs/references.md §7.10):
 #
 # $$\eta_V(t) = \eta(t)\,\Big(1 + (\tau - 1)\max\big(0,\ 1 - \tfrac{t}{T}\big)\Big),$$
 #
@@ -324,8 +337,14 @@ assert u["memory"] > u["intact"] - 1e-6 or SMOKE
 #
 # ### Exercise 2 — both learning rates at once
 #
+# *Goal: vectorise the two schedules — warmup + cosine for all weights, a decaying multiplier for the
+# values.*
+#
 # Given integer `steps` (a tensor), `total`, `warmup`, `base_lr` and $\tau$ = `start`, return the
-# tensors `(lr, value_lr)`. Warmup is $\eta\,(t+1)/\text{warmup}$ for $t < \text{warmup}$.
+# tensors `(lr, value_lr)` (float64; float32 is accepted), with tensor operations rather than
+# `cosine_lr` / `value_lr_multiplier`. Warmup is $\eta\,(t+1)/\text{warmup}$ for $t < \text{warmup}$;
+# after it the cosine runs over the remaining steps, $\eta\,\big(0.1 + 0.9\cdot\tfrac12(1+\cos\pi p)\big)$
+# with progress $p = \min\big(1, (t-\text{warmup})/(\text{total}-\text{warmup})\big)$.
 
 # %%
 def my_lr_schedule(steps, total, warmup, base_lr, start):

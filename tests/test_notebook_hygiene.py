@@ -62,7 +62,8 @@ def test_every_notebook_starts_with_setup_and_has_exercises_and_a_widget():
         code = "\n".join(src for kind, src in nbstrip.cells_of(nb) if kind == "code")
         assert "setup(" in code, f"{name}: first cell should call umv2_ref.notebook.setup()"
         assert code.count("check(") >= 2, f"{name}: needs at least two checked exercises"
-        assert "interact" in code, f"{name}: needs at least one ipywidgets control"
+        # an ipywidgets control: `interact` or the trained-model explorer (umv2_ref.explore.explorer)
+        assert "interact" in code or "explore.explorer(" in code, f"{name}: needs at least one ipywidgets control"
 
 
 def test_jupyterlab_save_through_jupytext_pairing_leaves_sources_unchanged(tmp_path):

@@ -44,13 +44,16 @@ def test_configs_are_what_their_names_say(models):
         cfg = models[name].cfg
         assert f"{cfg.moe_topk}of{cfg.n_experts}" in name
     v2 = models["ultramemv2"]
-    assert v2.placements == [(l, l) for l in range(4)] and v2.value_pool is None
+    assert v2.placements == [(i, i) for i in range(4)] and v2.value_pool is None
     assert all(isinstance(m, UltraMemV2) for m in v2.memory)
     shared = models["ultramemv2-shared"]
     assert shared.value_pool is not None and shared.cfg.share_ratio == 0.5
-    assert models["ultramem"].placements == [(1, 2)]
-    for name in ("pkm", "memoryplus", "peer"):
+    assert models["ultramem"].placements == [(1, 2)] and models["ultramem"].memory[0].cfg.heads == 2
+    for name in ("pkm", "peer"):
         assert models[name].blocks[2].ffn is None and len(models[name].memory) == 1
+    plus = models["memoryplus"]
+    assert [b.ffn is None for b in plus.blocks] == [False, True, False, True] and len(plus.memory) == 2
+    assert all(m.table() is plus.value_pool.values for m in plus.memory)  # one shared value table
     assert all(m.cfg.d_model == 64 and m.cfg.n_layers == 4 and m.cfg.vocab_size == 256 for m in models.values())
 
 

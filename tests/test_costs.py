@@ -46,6 +46,9 @@ def built_layers():
     yield PKM(pk(key_norm="layer"))
     yield MemoryPlus(pk(d_value=16, key_norm="rms"))
     yield UltraMem(UltraMemConfig(**tucker, d_value=10, expand=4, norm="layer"))
+    for heads in (2, 3):  # pairs of heads share a query: 1 and 2 query groups
+        yield UltraMem(UltraMemConfig(**tucker, d_value=10, expand=4, heads=heads))
+    yield UltraMem(UltraMemConfig(**tucker, d_value=10, expand=4, heads=2, per_rank_queries=True))
     yield UltraMemV2(UltraMemV2Config(**tucker, d_pre=6, d_value=10))
     yield UltraMemV2(UltraMemV2Config(**tucker, d_pre=6, d_value=10, per_rank_queries=False, key_expand=2))
     yield UltraMemV2(UltraMemV2Config(**tucker, d_pre=6, d_value=10), pool=pool, offset=64)

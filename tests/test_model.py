@@ -144,11 +144,11 @@ def test_lm_loss_ignores_masked_targets():
 def record_io(model: TinyLM):
     """Hooks recording the FFN inputs, memory inputs/outputs and each block's input and output."""
     log = {"ffn_in": {}, "mem_in": {}, "mem_out": {}, "block_in": {}, "block_out": {}}
-    for l, block in enumerate(model.blocks):
-        block.register_forward_pre_hook(lambda m, args, l=l: log["block_in"].__setitem__(l, args[0]))
-        block.register_forward_hook(lambda m, args, out, l=l: log["block_out"].__setitem__(l, out[0]))
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, args, i=i: log["block_in"].__setitem__(i, args[0]))
+        block.register_forward_hook(lambda m, args, out, i=i: log["block_out"].__setitem__(i, out[0]))
         if block.ffn is not None:
-            block.ffn.register_forward_pre_hook(lambda m, args, l=l: log["ffn_in"].__setitem__(l, args[0]))
+            block.ffn.register_forward_pre_hook(lambda m, args, i=i: log["ffn_in"].__setitem__(i, args[0]))
     for j, mem in enumerate(model.memory):
         mem.register_forward_pre_hook(lambda m, args, j=j: log["mem_in"].__setitem__(j, args[0]))
         mem.register_forward_hook(lambda m, args, out, j=j: log["mem_out"].__setitem__(j, out.output))
@@ -157,15 +157,15 @@ def record_io(model: TinyLM):
 
 def test_ultramemv2_memory_in_every_block_parallel_to_the_ffn():
     model = TinyLM(tiny("ultramemv2", d_ff=40))
-    assert model.placements == [(l, l) for l in range(4)]
+    assert model.placements == [(i, i) for i in range(4)]
     assert all(isinstance(m, UltraMemV2) for m in model.memory)
     assert all(b.ffn is not None and b.ffn.gate.out_features == 40 for b in model.blocks)
     log = record_io(model)
     model(torch.randint(0, VOCAB, (2, 12)))
-    for l in range(4):
-        assert log["mem_in"][l] is log["ffn_in"][l]  # the same normalised tensor feeds both
-        if l + 1 < 4:  # x_{l+1} = (h + FFN(xbar)) + Mem(xbar)
-            torch.testing.assert_close(log["block_in"][l + 1], log["block_out"][l] + log["mem_out"][l])
+    for i in range(4):
+        assert log["mem_in"][i] is log["ffn_in"][i]  # the same normalised tensor feeds both
+        if i + 1 < 4:  # x_{l+1} = (h + FFN(xbar)) + Mem(xbar)
+            torch.testing.assert_close(log["block_in"][i + 1], log["block_out"][i] + log["mem_out"][i])
 
 
 def test_ultramem_skip_layer_reads_block_a_and_adds_after_block_b():
@@ -218,7 +218,7 @@ def test_memory_config_maps_the_mem_fields_and_validates_them_early():
     assert (v2.n_keys, v2.window, v2.topm, v2.d_pre, v2.d_value) == (16, 64, 4, 8, 16)  # grid = 2 x window keys
     shared = TinyLM(tiny("ultramemv2", share_ratio=0.5, mem_key_expand=2))  # A = 4 * 8^2, n_l = isqrt(128) = 11
     assert shared.value_pool.values.shape[0] == 256
-    assert [(m.cfg.n_keys, m.cfg.window, m.offset) for m in shared.memory] == [(22, 121, 64 * l) for l in range(4)]
+    assert [(m.cfg.n_keys, m.cfg.window, m.offset) for m in shared.memory] == [(22, 121, 64 * i) for i in range(4)]
     assert shared(torch.randint(0, VOCAB, (1, 8))).logits.shape == (1, 8, VOCAB)
     with pytest.raises(ValueError, match="topk must be <= n_keys"):
         tiny("pkm", mem_topk=9)
@@ -235,7 +235,7 @@ def test_shared_value_pool_is_registered_once_and_gets_gradient_from_several_lay
     assert value_keys == ["value_pool.pre_values", "value_pool.values"]
     assert sum(p is model.value_pool.values for p in model.parameters()) == 1
     x = torch.randn(4, 16, 32)  # the same input to two layers, so only their direct reads differ
-    outs = [model.memory[l](x) for l in (0, 1)]
+    outs = [model.memory[i](x) for i in (0, 1)]
     rows = [set(o.indices.flatten().tolist()) for o in outs]
     common = rows[0] & rows[1]
     assert common, "overlapping windows (share 0.5) should share rows between layers 0 and 1"
@@ -252,3 +252,34 @@ def test_init_scales():
     assert model.blocks[0].ffn.down.weight.std().item() == pytest.approx(std / 4, rel=0.05)  # 1/sqrt(2L) = 1/4
     v2 = TinyLM(tiny("ultramemv2"))
     assert v2.memory[0].retrieval.query_norm.weight[0].item() != pytest.approx(16**-0.4)  # calibrated gain
+
+
+@pytest.mark.parametrize("kind,extra", VARIANTS, ids=[k + ("-shared" if e else "") for k, e in VARIANTS])
+def test_every_variant_builds_and_trains_in_float64(kind, extra):
+    """Under ``torch.set_default_dtype(torch.float64)`` every parameter and the logits are float64
+    (regression: the UltraMemV2 init once forced its Monte-Carlo cores to float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = TinyLM(tiny(kind, **extra))
+        tokens = torch.randint(0, VOCAB, (2, 9))
+        out = model(tokens[:, :-1])
+        loss, _ = lm_loss(out, tokens[:, 1:])
+        loss.backward()
+    finally:
+        torch.set_default_dtype(previous)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert out.logits.dtype == torch.float64
+
+
+def test_named_ultramemv2_config_builds_in_float64():
+    from umv2_ref.configs import get_config
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = TinyLM(get_config("ultramemv2", max_seq_len=16))
+        logits = model(torch.randint(0, 256, (1, 8))).logits
+    finally:
+        torch.set_default_dtype(previous)
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()

@@ -63,8 +63,8 @@ def test_expanded_lookup(cores):
     assert gradcheck(lambda t, s: expanded_lookup(t, virtual, s, shuffle, blocks), (table, scores))
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_tucker_topk_scores(exact):
+@pytest.mark.parametrize("exact,quadrants", [(True, 1), (False, 1), (False, 2)])
+def test_tucker_topk_scores(exact, quadrants):
     torch.manual_seed(3)
     n, r, c, m = 6, 2, 2, 4
     s_row, s_col, cores = rand(2, n, r), rand(2, n, r), torch.rand(c, r, r, dtype=F64).requires_grad_()
@@ -73,7 +73,7 @@ def test_tucker_topk_scores(exact):
     assert min(min_gap(s_row @ u), min_gap(s_col @ v)) > 1e-4  # prefilter candidates fixed
 
     def fn(sr, sc, cs):
-        return tucker_topk(sr, sc, cs, m, exact=exact, rank1=(u, v))[0]
+        return tucker_topk(sr, sc, cs, m, exact=exact, rank1=(u, v), quadrants=quadrants)[0]
 
     assert gradcheck(fn, (s_row, s_col, cores))
 
@@ -103,6 +103,8 @@ LAYERS = {
     "memory_plus": lambda: MemoryPlus(PKMConfig(d_model=8, n_keys=5, d_key=4, heads=2, topk=3, d_value=6)),
     "ultramem": lambda: UltraMem(UltraMemConfig(d_model=8, n_keys=6, d_key=4, topm=4, d_value=4, expand=4,
                                                 tucker_penalty=1e-3, balance_loss=1e-3)),
+    "ultramem_3heads": lambda: UltraMem(UltraMemConfig(d_model=8, n_keys=6, d_key=4, topm=4, d_value=4, expand=4,
+                                                       heads=3, tucker_penalty=1e-3, balance_loss=1e-3)),
     "ultramemv2": lambda: UltraMemV2(UltraMemV2Config(d_model=8, n_keys=6, d_key=4, topm=4, d_pre=4, d_value=4,
                                                       tucker_penalty=1e-3, balance_loss=1e-3)),
 }

@@ -270,3 +270,152 @@ def test_last_layer_window_wraps_around_the_pool():
     read = layer(torch.randn(512, 16)).indices.unique()
     window = {(offsets[-1] + i) % rows for i in range(n_l**2)}  # 48..63 and 0..8
     assert set(read.tolist()) <= window and (read < 9).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Default query/key norm gains: official v1 D_k^-0.33, official V2 D_k^-0.4
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_norm_gain_follows_the_official_code_of_each_version():
+    v1 = UltraMem(UltraMemConfig(d_model=16, n_keys=8, d_key=16))
+    v2 = UltraMemV2(UltraMemV2Config(**{**V2, "d_key": 16}))
+    assert v1.cfg.norm_gain == pytest.approx(16**-0.33) and v2.cfg.norm_gain == pytest.approx(16**-0.4)
+    for layer in (v1, v2):
+        for norm in (layer.retrieval.query_norm, layer.retrieval.key_norm):
+            torch.testing.assert_close(norm.weight, torch.full((16,), layer.cfg.norm_gain))
+    assert UltraMemConfig(d_model=16, n_keys=8, norm_gain=0.5).norm_gain == 0.5  # an explicit gain is kept
+
+
+# ---------------------------------------------------------------------------------------------
+# UltraMem v1 heads (official layout): per-head keys and cores, pairs of heads share a query
+# ---------------------------------------------------------------------------------------------
+
+F64 = torch.float64
+
+
+def brute_force_ultramem(layer: UltraMem, x: torch.Tensor) -> torch.Tensor:
+    """Every head scans the full grid token by token, slot by slot, with explicit norms; values summed per block."""
+    cfg, ret = layer.cfg, layer.retrieval
+    n, r, dk, E, N, c = cfg.n_keys, cfg.rank, cfg.d_key, cfg.expand, cfg.n_rows, cfg.cores
+    keys = ret.key_norm.weight * F.rms_norm(ret.keys, (dk,))  # [H, 2, n, r, D_k]
+    q = (x @ ret.query.weight.T).view(len(x), cfg.query_groups, 2, dk)  # [T, G, 2, D_k]
+    q = ret.query_norm.weight * F.rms_norm(q, (dk,))
+    out = []
+    for t in range(len(x)):
+        z = torch.zeros(E, cfg.d_value, dtype=x.dtype)
+        for h in range(cfg.heads):
+            row_q, col_q = q[t, h // 2, 0], q[t, h // 2, 1]  # heads 2g and 2g+1 read query g
+            grid = torch.zeros(c, n, n, dtype=x.dtype)
+            for i in range(n):
+                for j in range(n):
+                    s_row = torch.stack([row_q @ keys[h, 0, i, a] for a in range(r)])  # [r]
+                    s_col = torch.stack([col_q @ keys[h, 1, j, b] for b in range(r)])  # [r]
+                    for k in range(c):
+                        grid[k, i, j] = s_row @ ret.cores[h, k] @ s_col
+            for slot in grid.sum(0).flatten().argsort(descending=True)[: cfg.topm].tolist():
+                p = int(layer.shuffle[slot])
+                block, row = p // N, p % N
+                per_core = grid[:, slot // n, slot % n].repeat_interleave(cfg.d_value // c)  # [D_v]
+                z[block] += per_core * layer.values[row]
+        out.append(layer.proj(z.flatten()))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3])
+def test_ultramem_heads_match_brute_force_in_float64(heads):
+    torch.manual_seed(heads)
+    cfg = UltraMemConfig(d_model=12, n_keys=6, d_key=8, rank=2, cores=2, topm=4, d_value=8, expand=4, heads=heads,
+                         exact_topk=True)
+    layer = UltraMem(cfg).double()
+    x = torch.randn(5, 12, dtype=F64)
+    with torch.no_grad():
+        out = layer(x)
+        torch.testing.assert_close(out.output, brute_force_ultramem(layer, x), rtol=1e-10, atol=1e-12)
+    assert out.indices.shape == (5, heads * 4) and out.scores.shape == (5, heads * 4, 2)
+    assert layer.retrieval.query.weight.shape == ((heads + 1) // 2 * 2 * 8, 12)  # one query per head pair
+
+
+def test_ultramem_prefilter_matches_the_exact_search_per_head():
+    """With k = n the prefilter sees every pair, so each head's picks equal its exact top-m (own cores, own u, v)."""
+    torch.manual_seed(0)
+    cfg = dict(d_model=12, n_keys=6, d_key=8, topm=4, d_value=8, heads=3)
+    approx = UltraMem(UltraMemConfig(**cfg, prefilter_k=6)).double()
+    exact = UltraMem(UltraMemConfig(**cfg, exact_topk=True)).double()
+    exact.load_state_dict(approx.state_dict())
+    x = torch.randn(7, 12, dtype=F64)
+    with torch.no_grad():
+        a, b = approx(x), exact(x)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.output, b.output)
+
+
+def test_ultramem_heads_own_their_keys_and_cores_and_pairs_share_a_query():
+    torch.manual_seed(0)
+    layer = UltraMem(UltraMemConfig(d_model=12, n_keys=6, d_key=8, topm=4, d_value=8, heads=3))
+    ret, x = layer.retrieval, torch.randn(5, 12)
+    assert ret.keys.shape == (3, 2, 6, 2, 8) and ret.cores.shape == (3, 2, 2, 2)
+    for h in range(3):  # one SVD of each head's summed cores
+        u, v = rank1_factors(ret.cores[h])
+        assert torch.equal(ret.rank1_u[h], u) and torch.equal(ret.rank1_v[h], v)
+    s_row, s_col = ret.axis_scores(x)  # [T, H, n, r]
+    with torch.no_grad():
+        ret.query.weight[16:].add_(torch.randn(16, 12))  # query group 1 (head 2 only)
+        ret.keys[0].add_(torch.randn(2, 6, 2, 8))  # head 0's keys
+    new_row, new_col = ret.axis_scores(x)
+    torch.testing.assert_close(new_row[:, 1], s_row[:, 1])  # head 1 shares head 0's query, not its keys
+    assert (new_row[:, 0] - s_row[:, 0]).abs().max() > 1e-2 and (new_col[:, 2] - s_col[:, 2]).abs().max() > 1e-2
+    with torch.no_grad():
+        ret.cores[1].add_(torch.randn(2, 2, 2))
+    before = ret.rank1_u.clone()
+    ret.refresh_rank1()
+    assert torch.equal(ret.rank1_u[0], before[0]) and torch.equal(ret.rank1_u[2], before[2])
+    u1, _ = rank1_factors(ret.cores[1])
+    torch.testing.assert_close(ret.rank1_u[1].abs(), u1.abs())  # head 1 refreshed (sign kept smooth)
+
+
+def test_ultramem_aux_losses_average_over_heads():
+    torch.manual_seed(0)
+    layer = UltraMem(UltraMemConfig(d_model=12, n_keys=6, d_key=8, topm=4, d_value=8, heads=2, tucker_penalty=0.5))
+    ret = layer.retrieval
+    with torch.no_grad():
+        ret.cores.copy_(torch.eye(2).expand_as(ret.cores) * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+    aux = layer(torch.randn(3, 12)).aux_losses
+    expected = 0.5 * (tucker_rank_penalty(ret.cores[0]) + tucker_rank_penalty(ret.cores[1])) / 2
+    torch.testing.assert_close(aux["tucker_penalty"], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory+ value sharing across memory layers (the paper's shared pool)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_memoryplus_layers_share_one_value_table_by_default():
+    from umv2_ref.costs import count_params, model_costs
+    from umv2_ref.model import ModelConfig, TinyLM
+
+    base = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, ffn="memoryplus", memory_layers="1,3",
+                mem_n_keys=6, mem_topk=3, mem_d_key=8, mem_d_value=16)
+    shared, separate = TinyLM(ModelConfig(**base)), TinyLM(ModelConfig(**base, mem_share_values=False))
+    assert [k for k in shared.state_dict() if k.endswith("values")] == ["value_pool.values"]
+    assert [k for k in separate.state_dict() if k.endswith("values")] == ["memory.0.values", "memory.1.values"]
+    assert count_params(separate) - count_params(shared) == 36 * 16
+    for model in (shared, separate):
+        assert model_costs(model).params == count_params(model)
+    x = torch.randn(2, 5, 16)
+    outs = [layer(x) for layer in shared.memory]
+    grads = [torch.autograd.grad(o.output.square().sum(), shared.value_pool.values)[0] for o in outs]
+    for o, g in zip(outs, grads):  # each layer's gradient lands on exactly the rows it read from the one table
+        assert set(g.abs().sum(-1).nonzero().flatten().tolist()) == set(o.indices.flatten().tolist())
+    with pytest.raises(ValueError, match="mem_share_values=False is for ffn='memoryplus'"):
+        ModelConfig(**{**base, "ffn": "pkm"}, mem_share_values=False)
+
+
+def test_memoryplus_refuses_a_table_of_the_wrong_shape():
+    from umv2_ref.layers import ValueTable
+
+    cfg = PKMConfig(d_model=16, n_keys=6, d_key=8, topk=3, d_value=16)
+    with pytest.raises(ValueError, match=r"shared table must be \[n_keys\^2, d_value\] = \[36, 16\]"):
+        MemoryPlus(cfg, table=ValueTable(36, 8))
+    table = ValueTable(36, 16)
+    assert MemoryPlus(cfg, table=table).table() is table.values

@@ -1,5 +1,6 @@
 """umv2_ref.train: exact resume, checkpoint errors, CLI, metrics files, value-lr groups, Ctrl-C."""
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from umv2_ref.optim import value_lr_multiplier
-from umv2_ref.train import CheckpointError, TrainConfig, build_parser, config_from, train
+from umv2_ref.model import ModelConfig, TinyLM
+from umv2_ref.train import (CheckpointError, TaskData, TrainConfig, build_parser, config_from, evaluate, load_model,
+                            make_checkpoint, save_checkpoint, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(batch_size=4, seq_len=32, eval_every=3, eval_batches=1, eval_batch_size=4, progress=False)
@@ -151,3 +154,68 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] >= 1 and len(ckpt["results"]["history"]["train"]) == ckpt["step"]
     assert "--resume" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# load_model: a trained model back from its run directory
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "ultramemv2"])
+def test_load_model_round_trip_gives_bitwise_identical_logits(tmp_path, kind):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, ffn=kind)
+    model = TinyLM(cfg)
+    with torch.no_grad():  # move away from the initial weights, so a fresh build would not match
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    optimizer = torch.optim.AdamW(model.parameters())
+    identity = {"train": {}, "model": dataclasses.asdict(cfg), "task": {}}
+    save_checkpoint(tmp_path / "checkpoint.pt", make_checkpoint(identity, 0, model, optimizer, {}, {}))
+    tokens = torch.randint(64, (3, 16))
+    rng_before = torch.get_rng_state()
+    loaded = load_model(tmp_path)  # the run directory ...
+    assert torch.equal(torch.get_rng_state(), rng_before)  # ... building it left the caller's RNG alone
+    assert isinstance(loaded, TinyLM) and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+        assert torch.equal(load_model(tmp_path / "checkpoint.pt")(tokens).logits, model(tokens).logits)  # ... or the file
+
+
+def test_load_model_reproduces_the_runs_final_evaluation(saved_run):
+    cfg, out = saved_run
+    model = load_model(out)
+    scalars, _, _ = evaluate(model, TaskData(TrainConfig(**cfg)).eval_batches())
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert scalars["loss"] == final["loss"] and scalars["acc"] == final["acc"]  # bitwise
+
+
+def test_load_model_refuses_bad_paths_and_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_model(tmp_path)  # a directory without checkpoint.pt
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        load_model(tmp_path / "garbage.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a umv2_ref.train checkpoint"):
+        load_model(tmp_path / "list.pt")
+
+
+class _Payload:
+    """Unpickling this object would run ``os.mkdir(marker)``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_load_model_refuses_pickled_code_without_running_it(tmp_path):
+    marker = tmp_path / "payload-ran"
+    torch.save({"format": 1, "identity": _Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused unread"):
+        load_model(tmp_path / "evil.pt")
+    assert not marker.exists()

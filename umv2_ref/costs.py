@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
-from .layers import PEER, PKM, MemoryPlus, PKMConfig, UltraMem, UltraMemV2, ValuePool
+from .layers import PEER, PKM, MemoryPlus, PKMConfig, UltraMem, UltraMemV2, ValuePool, ValueTable
 from .model import CausalSelfAttention, MoE, SwiGLU, TinyLM
 
 
@@ -114,11 +114,13 @@ def pkm_cost(d: int, n_keys: int, heads: int, d_key: int, topk: int, query_norm:
 
 
 def memoryplus_cost(d: int, n_keys: int, heads: int, d_key: int, topk: int, d_value: int,
-                    query_norm: str | None = "layer", key_norm: str | None = None) -> Cost:
-    """Memory+: PKM read of ``D_v``-wide values, then ``W_2 (y * silu(W_1 x))``: ``2 d D_v`` (+ biases) more."""
+                    query_norm: str | None = "layer", key_norm: str | None = None, owns_values: bool = True) -> Cost:
+    """Memory+: PKM read of ``D_v``-wide values, then ``W_2 (y * silu(W_1 x))``: ``2 d D_v`` (+ biases) more.
+    ``owns_values=False`` for a layer reading a shared :class:`ValueTable` (the table is counted once)."""
     ret = product_key_retrieval_cost(d, n_keys, heads, d_key, topk, query_norm, key_norm)
     gates = 2 * d * d_value + d_value + d
-    return _with_values(ret, gates, heads * topk * d_value + 2 * d * d_value, n_keys**2, d_value, heads * topk)
+    cost = _with_values(ret, gates, heads * topk * d_value + 2 * d * d_value, n_keys**2, d_value, heads * topk)
+    return cost if owns_values else replace(cost, params=cost.step_params)
 
 
 def peer_cost(d: int, n_keys: int, heads: int, d_key: int, topk: int, query_norm: str | None = "layer",
@@ -129,32 +131,41 @@ def peer_cost(d: int, n_keys: int, heads: int, d_key: int, topk: int, query_norm
 
 
 def tucker_retrieval_cost(d: int, n_keys: int, d_key: int, rank: int, cores: int, topm: int,
-                          per_rank_queries: bool, prefilter_k: int | None = None, norm: str = "rms") -> Cost:
-    """TDQKR (one head): params ``2 r d D_k`` (or ``2 d D_k`` with one query) ``+ 2 n' D_k r + c r^2`` + norms;
-    MACs ``2 r d D_k + 2 n' D_k r + 2 n' r + c (m_rc r^2 + m_rc^2 r)`` (Sec. 7.9; ``m_rc`` = prefilter k)."""
+                          per_rank_queries: bool, prefilter_k: int | None = None, norm: str = "rms",
+                          heads: int = 1, quadrants: int = 1) -> Cost:
+    """TDQKR with H heads (pairs of heads share a query, ``G = ceil(H/2)`` queries):
+    params ``2 G r d D_k`` (or ``2 G d D_k`` with one query per axis) ``+ H (2 n' D_k r + c r^2)`` + the two
+    shared norms; MACs ``2 G r d D_k + H (2 n' D_k r + 2 n' r + Q c (m_rc r^2 + m_rc^2 r))``
+    (Sec. 7.9; ``m_rc`` = prefilter k, Q = prefilter quadrants).  H = 1 is UltraMemV2's single head."""
     nq = rank if per_rank_queries else 1
+    groups = (heads + 1) // 2
     k = topm if prefilter_k is None else prefilter_k
-    params = 2 * nq * d * d_key + 2 * n_keys * d_key * rank + cores * rank * rank + 2 * _norm_params(norm, d_key)
-    macs = 2 * nq * d * d_key + 2 * n_keys * d_key * rank + 2 * n_keys * rank + cores * (k * rank**2 + k * k * rank)
+    query = 2 * groups * nq * d * d_key
+    rescore = quadrants * cores * (k * rank**2 + k * k * rank)
+    params = query + heads * (2 * n_keys * d_key * rank + cores * rank * rank) + 2 * _norm_params(norm, d_key)
+    macs = query + heads * (2 * n_keys * d_key * rank + 2 * n_keys * rank + rescore)
     return Cost(params, params, macs, params)
 
 
 def ultramem_cost(d: int, n_keys: int, d_key: int, rank: int, cores: int, topm: int, d_value: int, expand: int,
-                  prefilter_k: int | None = None, norm: str = "rms") -> Cost:
-    """UltraMem v1 (Sec. 7.9): TDQKR with a shared query, ``n'^2 / E`` physical rows of ``D_v``,
-    E projectors ``E D_v d``; MACs add ``m D_v + E D_v d``."""
-    ret = tucker_retrieval_cost(d, n_keys, d_key, rank, cores, topm, False, prefilter_k, norm)
+                  prefilter_k: int | None = None, norm: str = "rms", heads: int = 1,
+                  per_rank_queries: bool = False, quadrants: int = 1) -> Cost:
+    """UltraMem v1 (Sec. 7.9): H-head TDQKR with one query per axis and head pair, ``n'^2 / E``
+    physical rows of ``D_v`` (H m read per token), E projectors ``E D_v d``; MACs add ``H m D_v + E D_v d``."""
+    ret = tucker_retrieval_cost(d, n_keys, d_key, rank, cores, topm, per_rank_queries, prefilter_k, norm, heads,
+                                quadrants)
     proj = expand * d_value * d
-    return _with_values(ret, proj, topm * d_value + proj, n_keys**2 // expand, d_value, topm)
+    return _with_values(ret, proj, heads * topm * d_value + proj, n_keys**2 // expand, d_value, heads * topm)
 
 
 def ultramemv2_cost(d: int, n_keys: int, d_key: int, rank: int, cores: int, topm: int, d_pre: int, d_value: int,
                     window: int | None = None, per_rank_queries: bool = True, prefilter_k: int | None = None,
-                    norm: str = "rms", owns_values: bool = True) -> Cost:
+                    norm: str = "rms", owns_values: bool = True, quadrants: int = 1) -> Cost:
     """UltraMemV2 (Sec. 7.8-7.9): TDQKR + ``W_pre`` (``d D_p``) + ``W_v`` (``D_v d``) + ``window`` rows of
     ``D_p + D_v``; MACs add ``d D_p + m (D_p + D_v) + D_v d``.  ``window`` defaults to ``n'^2``;
     ``owns_values=False`` for a layer reading a shared :class:`ValuePool` (the pool is counted once)."""
-    ret = tucker_retrieval_cost(d, n_keys, d_key, rank, cores, topm, per_rank_queries, prefilter_k, norm)
+    ret = tucker_retrieval_cost(d, n_keys, d_key, rank, cores, topm, per_rank_queries, prefilter_k, norm,
+                                quadrants=quadrants)
     window = n_keys**2 if window is None else window
     dense = d * d_pre + d_value * d
     cost = _with_values(ret, dense, dense + topm * (d_pre + d_value), window, d_pre + d_value, topm)
@@ -162,7 +173,8 @@ def ultramemv2_cost(d: int, n_keys: int, d_key: int, rank: int, cores: int, topm
 
 
 def value_pool_cost(rows: int, d_pre: int, d_value: int) -> Cost:
-    """A shared pool: owns ``rows (D_p + D_v)`` parameters; its reads are charged to the layers."""
+    """A shared pool (or a shared :class:`ValueTable`, ``d_pre = 0``): owns ``rows (D_p + D_v)``
+    parameters; its reads are charged to the layers."""
     return Cost(rows * (d_pre + d_value), 0, 0, 0)
 
 
@@ -193,18 +205,21 @@ def module_cost(module: nn.Module) -> Cost:
         c = module.cfg
         norms = dict(query_norm=c.query_norm, key_norm=c.key_norm)
         if isinstance(module, MemoryPlus):
-            return memoryplus_cost(*_pk_args(c), c.d_value, **norms)
+            return memoryplus_cost(*_pk_args(c), c.d_value, **norms, owns_values=not module._table)
         return (peer_cost if isinstance(module, PEER) else pkm_cost)(*_pk_args(c), **norms)
     if isinstance(module, UltraMem):
         c = module.cfg
         return ultramem_cost(c.d_model, c.n_keys, c.d_key, c.rank, c.cores, c.topm, c.d_value, c.expand,
-                             c.prefilter_k, c.norm)
+                             c.prefilter_k, c.norm, c.heads, c.per_rank_queries, c.prefilter_quadrants)
     if isinstance(module, UltraMemV2):
         c = module.cfg
         return ultramemv2_cost(c.d_model, c.n_keys, c.d_key, c.rank, c.cores, c.topm, c.d_pre, c.d_value, c.window,
-                               c.per_rank_queries, c.prefilter_k, c.norm, owns_values=not module._pool)
+                               c.per_rank_queries, c.prefilter_k, c.norm, owns_values=not module._pool,
+                               quadrants=c.prefilter_quadrants)
     if isinstance(module, ValuePool):
         return value_pool_cost(*module.pre_values.shape, module.values.shape[1])
+    if isinstance(module, ValueTable):
+        return value_pool_cost(module.values.shape[0], 0, module.values.shape[1])
     raise ValueError(f"module_cost has no formula for {type(module).__name__}")
 
 
@@ -240,11 +255,11 @@ def model_costs(model: TinyLM) -> ModelCosts:
     cfg = model.cfg
     d, V = cfg.d_model, cfg.vocab_size
     parts = {"embedding": dense_cost(V * d)}
-    for l, block in enumerate(model.blocks):
-        parts[f"block{l}.norms"] = dense_cost(2 * d, macs=0)  # the two RMSNorm gains
-        parts[f"block{l}.attn"] = module_cost(block.attn)
+    for i, block in enumerate(model.blocks):
+        parts[f"block{i}.norms"] = dense_cost(2 * d, macs=0)  # the two RMSNorm gains
+        parts[f"block{i}.attn"] = module_cost(block.attn)
         if block.ffn is not None:
-            parts[f"block{l}.ffn"] = module_cost(block.ffn)
+            parts[f"block{i}.ffn"] = module_cost(block.ffn)
     for j, layer in enumerate(model.memory):
         parts[f"memory{j}"] = module_cost(layer)
     if model.value_pool is not None:

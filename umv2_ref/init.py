@@ -230,12 +230,13 @@ def score_statistics(cfg: TuckerConfig, gain: float, n_tokens: int = 4096, seed:
     g = torch.Generator().manual_seed(seed)
     n, r, dk, c = cfg.n_keys, cfg.rank, cfg.d_key, cfg.cores
     nq = r if cfg.per_rank_queries else 1
-    q = _normed(torch.randn(n_tokens, 2, nq, dk, generator=g), cfg.norm, gain)  # [T, 2, nq, D_k]
+    dtype = torch.get_default_dtype() if cores is None else cores.dtype  # the layer's own precision
+    q = _normed(torch.randn(n_tokens, 2, nq, dk, generator=g, dtype=dtype), cfg.norm, gain)  # [T, 2, nq, D_k]
     q = q.expand(n_tokens, 2, r, dk)  # [T, 2, r, D_k]
-    keys = _normed(torch.randn(2, n, r, dk, generator=g), cfg.norm, gain)  # [2, n, r, D_k]
+    keys = _normed(torch.randn(2, n, r, dk, generator=g, dtype=dtype), cfg.norm, gain)  # [2, n, r, D_k]
     if cores is None:
-        cores = torch.rand(c, r, r, generator=g)  # [c, r, r]
-    cores = cores.detach().to(torch.float32)
+        cores = torch.rand(c, r, r, generator=g, dtype=dtype)  # [c, r, r]
+    cores = cores.detach().cpu()
     s_row = torch.einsum("trd,nrd->tnr", q[:, 0], keys[0])  # [T, n, r]
     s_col = torch.einsum("trd,nrd->tnr", q[:, 1], keys[1])  # [T, n, r]
     scores, _ = tucker_topk(s_row, s_col, cores, cfg.topm, exact=cfg.exact_topk, k=cfg.prefilter_k)  # [T, m, c]

@@ -4,21 +4,26 @@ Each layer maps ``x [..., d_model]`` to a :class:`MemoryOutput` carrying the out
 value rows it read, their scores and a dict of *already weighted* auxiliary losses (add
 ``sum(out.aux_losses.values())`` to the training loss; an empty dict when all weights are 0).
 
-Two retrieval modules serve all five layers:
+Three retrieval modules serve all five layers:
 
 * :class:`ProductKeyRetrieval` (PKM Sec. 3.2; PEER and Memory+ reuse it): multi-head queries,
   two sub-key sets per head, exact product-key top-k, softmax over the selected scores.
-* :class:`TuckerRetrieval` (UltraMem TDQKR + MCS; UltraMemV2 adds separate queries per Tucker
+* :class:`TuckerRetrieval` (TDQKR + MCS, one head; UltraMemV2 adds separate queries per Tucker
   rank): per-rank row/column scores, c cores, rank-1 prefilter whose (u, v) buffers are refreshed
   by :func:`refresh_rank1` once per optimiser step, raw (no softmax) per-core scores.
+* :class:`MultiHeadTuckerRetrieval` (UltraMem v1): the same search with H heads laid out as the
+  official v1 code -- per-head keys, cores and prefilter, pairs of heads sharing one query.
 
 Memory value tables are parameters named ``values`` / ``pre_values`` so that
-:func:`umv2_ref.optim.param_groups` can give them their own learning rate.
+:func:`umv2_ref.optim.param_groups` can give them their own learning rate.  Tables shared by
+several layers (:class:`ValuePool` for UltraMemV2, :class:`ValueTable` for Memory+) are
+registered once, by the model that owns them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -175,26 +180,53 @@ class PEER(nn.Module):
         return MemoryOutput(out, idx, w)
 
 
+class ValueTable(nn.Module):
+    """One value table shared by several Memory+ layers (arXiv 2412.09764: "a shared pool of memory
+    parameters" for all memory layers, the released code's ``mem_share_values``).
+
+    Like :class:`ValuePool`, it is registered once by the model that owns it; the layers only
+    reference it.  Init ``N(0, 1/D_v)`` as the Memory+ values.
+    """
+
+    def __init__(self, rows: int, d_value: int):
+        super().__init__()
+        self.values = nn.Parameter(torch.randn(rows, d_value) * d_value**-0.5)  # [N, D_v]
+
+
 class MemoryPlus(nn.Module):
     """Memory+ (arXiv 2412.09764): PKM values through a SiLU-gated projection.
 
     ``y = EmbBag(I, w)``, ``out = W_2 (y * silu(W_1 x))`` with ``W_1: d -> D_v``, ``W_2: D_v -> d``.
+    With ``table=None`` the layer owns its ``n_keys^2 x D_v`` values; with a shared
+    :class:`ValueTable` (the paper's default: every memory layer reads one pool, each with its own
+    query, keys and gating) it reads that table.
     """
 
-    def __init__(self, cfg: PKMConfig):
+    def __init__(self, cfg: PKMConfig, table: ValueTable | None = None):
         super().__init__()
         self.cfg = cfg
         self.retrieval = ProductKeyRetrieval(cfg)
-        self.values = nn.Parameter(torch.randn(cfg.n_slots, cfg.d_value) * cfg.d_value**-0.5)  # [N, D_v]
+        if table is None:
+            self.values = nn.Parameter(torch.randn(cfg.n_slots, cfg.d_value) * cfg.d_value**-0.5)  # [N, D_v]
+            self._table: list[ValueTable] = []
+        else:
+            if tuple(table.values.shape) != (cfg.n_slots, cfg.d_value):
+                raise ValueError(f"MemoryPlus: shared table must be [n_keys^2, d_value] = {[cfg.n_slots, cfg.d_value]}, "
+                                 f"got {list(table.values.shape)}")
+            self._table = [table]  # not a submodule: the owning model registers the table once
         self.gate = nn.Linear(cfg.d_model, cfg.d_value)  # W_1
         self.out = nn.Linear(cfg.d_value, cfg.d_model)  # W_2
         for lin in (self.gate, self.out):
             nn.init.normal_(lin.weight, std=cfg.d_model**-0.5)
             nn.init.zeros_(lin.bias)
 
+    def table(self) -> Tensor:
+        """The ``[N, D_v]`` values this layer reads (its own or the shared table's)."""
+        return self._table[0].values if self._table else self.values
+
     def forward(self, x: Tensor) -> MemoryOutput:
         w, idx = self.retrieval(x)  # [..., H*k]
-        y = backends.get("weighted_sum", self.cfg.backend, x)(self.values, idx, w)  # [..., D_v]
+        y = backends.get("weighted_sum", self.cfg.backend, x)(self.table(), idx, w)  # [..., D_v]
         return MemoryOutput(self.out(y * F.silu(self.gate(x))), idx, w)  # [..., d]
 
 
@@ -214,27 +246,34 @@ class TuckerConfig:
     cores: int = 2  # multi-core scoring c
     topm: int = 8  # m slots read per token
     prefilter_k: int | None = None  # candidates per axis (default m)
+    prefilter_quadrants: int = 1  # 1: top-k of (a, b) as the papers; 2: also of (-a, -b) (retrieval.tucker_topk)
     per_rank_queries: bool = True  # UltraMemV2: separate queries per Tucker rank
     norm: str = "rms"  # query/key norm ('layer' as in the paper, 'rms' as the 1B/7B configs)
-    norm_gain: float | None = None  # None -> D_k^-0.4 (official code); tune with init.calibrate_norm_gain
+    norm_gain: float | None = None  # None -> D_k^-NORM_GAIN_EXPONENT (official code); see init.calibrate_norm_gain
     exact_topk: bool = False  # scan the full grid instead of the rank-1 prefilter (teaching/tests)
     tucker_penalty: float = 0.0  # alpha of UltraMem Eq. 17 (UltraMem: 0.001; UltraMemV2: 0)
     tucker_tau: float = 0.15
     balance_loss: float = 0.0  # beta of UltraMemV2 Eqs. 18-20 (0 = off)
     backend: str = "auto"  # 'auto' | 'torch' | 'triton' (see umv2_ref.backend)
 
+    # Default query/key norm gain D_k^-x: the official V2 code initialises the norm weights to D_k^-0.4.
+    NORM_GAIN_EXPONENT: ClassVar[float] = 0.4
+
     def __post_init__(self) -> None:
         _check_config(self, d_model=self.d_model, n_keys=self.n_keys, d_key=self.d_key, rank=self.rank,
                       cores=self.cores, topm=self.topm)
         if self.norm not in ("layer", "rms"):
             raise ValueError(f"{type(self).__name__}.norm must be 'layer' or 'rms', got {self.norm!r}")
+        q = self.prefilter_quadrants
+        if isinstance(q, bool) or not isinstance(q, int) or q not in (1, 2):
+            raise ValueError(f"{type(self).__name__}.prefilter_quadrants must be 1 or 2, got {self.prefilter_quadrants!r}")
         k = self.topm if self.prefilter_k is None else self.prefilter_k
         if k > self.n_keys or k * k < self.topm:
             raise ValueError(
                 f"{type(self).__name__}: prefilter_k={k} must satisfy k <= n_keys={self.n_keys} and k*k >= topm={self.topm}"
             )
         if self.norm_gain is None:
-            self.norm_gain = self.d_key**-0.4
+            self.norm_gain = self.d_key**-self.NORM_GAIN_EXPONENT
 
 
 class TuckerRetrieval(nn.Module):
@@ -278,36 +317,49 @@ class TuckerRetrieval(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """x ``[..., d]`` -> ``(scores [..., m, c], virtual slot ids [..., m], weighted aux losses)``."""
-        cfg = self.cfg
         s_row, s_col = self.axis_scores(x)
-        rank1 = (self.rank1_u, self.rank1_v)
-        if cfg.exact_topk:
-            scores, idx = backends.get("tucker_topk", "torch", x)(s_row, s_col, self.cores, cfg.topm, exact=True)
-        else:
-            tucker_topk = backends.get("tucker_topk", cfg.backend, x)
-            scores, idx = tucker_topk(s_row, s_col, self.cores, cfg.topm, k=cfg.prefilter_k, rank1=rank1)
-        aux: dict[str, Tensor] = {}
-        if cfg.tucker_penalty:
-            aux["tucker_penalty"] = cfg.tucker_penalty * tucker_rank_penalty(self.cores, cfg.tucker_tau)
-        if cfg.balance_loss:
-            a, b = s_row @ self.rank1_u, s_col @ self.rank1_v  # [..., n]
-            n = cfg.n_keys
-            flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [T, *]
-            aux["key_balance"] = cfg.balance_loss * key_balance_loss(flat(a), flat(b), flat(idx // n), flat(idx % n))
-        return scores, idx, aux
+        return tucker_search(self.cfg, s_row, s_col, self.cores, (self.rank1_u, self.rank1_v))
+
+
+def tucker_search(cfg: TuckerConfig, s_row: Tensor, s_col: Tensor, cores: Tensor,
+                  rank1: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """One head's top-m search and its weighted auxiliary losses.
+
+    s_row, s_col ``[..., n, r]``; cores ``[c, r, r]``; rank1 ``(u, v)`` each ``[r]`` ->
+    ``(scores [..., m, c], virtual slot ids [..., m], aux)``.
+    """
+    if cfg.exact_topk:
+        scores, idx = backends.get("tucker_topk", "torch", s_row)(s_row, s_col, cores, cfg.topm, exact=True)
+    else:
+        tucker_topk = backends.get("tucker_topk", cfg.backend, s_row)
+        extra = {} if cfg.prefilter_quadrants == 1 else {"quadrants": cfg.prefilter_quadrants}  # 1: the default
+        scores, idx = tucker_topk(s_row, s_col, cores, cfg.topm, k=cfg.prefilter_k, rank1=rank1, **extra)
+    aux: dict[str, Tensor] = {}
+    if cfg.tucker_penalty:
+        aux["tucker_penalty"] = cfg.tucker_penalty * tucker_rank_penalty(cores, cfg.tucker_tau)
+    if cfg.balance_loss:
+        a, b = s_row @ rank1[0], s_col @ rank1[1]  # [..., n]
+        n = cfg.n_keys
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [T, *]
+        aux["key_balance"] = cfg.balance_loss * key_balance_loss(flat(a), flat(b), flat(idx // n), flat(idx % n))
+    return scores, idx, aux
 
 
 @dataclass
 class UltraMemConfig(TuckerConfig):
-    """UltraMem v1 (arXiv 2411.12364): TDQKR + MCS + implicit value expansion, no softmax."""
+    """UltraMem v1 (arXiv 2411.12364): TDQKR + MCS + implicit value expansion, no softmax, H heads."""
 
     per_rank_queries: bool = False  # v1 shares one query across ranks
+    heads: int = 1  # H retrieval heads, each with its own keys and cores; heads 2g and 2g+1 share query g
     d_value: int = 32  # D_v of the physical values
     expand: int = 4  # E virtual blocks; physical rows N = n_keys^2 / E
 
+    # The official v1 code initialises its query/key norm weights to D_k^-0.33 (V2 changed it to -0.4).
+    NORM_GAIN_EXPONENT: ClassVar[float] = 0.33
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_config(self, d_value=self.d_value, expand=self.expand)
+        _check_config(self, heads=self.heads, d_value=self.d_value, expand=self.expand)
         if self.n_keys**2 % self.expand:
             raise ValueError(f"UltraMemConfig: n_keys^2={self.n_keys ** 2} must be divisible by expand={self.expand}")
         if self.d_value % self.cores:
@@ -317,28 +369,97 @@ class UltraMemConfig(TuckerConfig):
     def n_rows(self) -> int:
         return self.n_keys**2 // self.expand
 
+    @property
+    def query_groups(self) -> int:
+        """Distinct queries: pairs of heads share one (the official code's ``nhead_share_query = 2``)."""
+        return (self.heads + 1) // 2
 
-class UltraMem(nn.Module):
-    """UltraMem v1 layer: ``o = sum_e W_e^T (sum_{k in block e} s_k V[row_k])`` (IVE, MCS slices).
 
-    The E per-block projectors ``W_e: D_v -> d`` are one ``Linear(E * D_v, d)`` over the
-    concatenated block sums.  Placement as a skip-layer (read at block a, add after block b) is
-    the model's job.
+class MultiHeadTuckerRetrieval(nn.Module):
+    """UltraMem v1's TDQKR with H heads, laid out as the official v1 code.
+
+    Each head h has its own row/column keys ``K_h [2, n, r, D_k]``, its own c Tucker cores
+    ``C_h [c, r, r]`` and its own rank-1 prefilter (one SVD of ``sum_c C_{h,c}`` per head); heads
+    2g and 2g+1 read the same query g (``query_groups = ceil(H / 2)`` queries of ``2 D_k``, or
+    ``2 r D_k`` with ``per_rank_queries``).  One query norm and one key norm serve every head.
+    Each head picks its own top-m slots of the *same* virtual grid; the H*m picks are concatenated
+    (two heads may pick the same slot: the value paths then sum both contributions).
     """
 
     def __init__(self, cfg: UltraMemConfig):
         super().__init__()
         self.cfg = cfg
-        self.retrieval = TuckerRetrieval(cfg)
+        H, G, n, r, dk = cfg.heads, cfg.query_groups, cfg.n_keys, cfg.rank, cfg.d_key
+        nq = r if cfg.per_rank_queries else 1
+        self.query = nn.Linear(cfg.d_model, G * 2 * nq * dk, bias=False)
+        nn.init.normal_(self.query.weight, std=math.sqrt(2 / (5 * cfg.d_model)))  # small init
+        self.query_norm = make_norm(cfg.norm, dk, cfg.norm_gain)
+        self.key_norm = make_norm(cfg.norm, dk, cfg.norm_gain)
+        self.keys = nn.Parameter(torch.randn(H, 2, n, r, dk) * dk**-0.5)  # [H, 2, n, r, D_k]
+        self.cores = nn.Parameter(torch.rand(H, cfg.cores, r, r))  # [H, c, r, r], U[0, 1]
+        u, v = zip(*(rank1_factors(core) for core in self.cores))
+        self.register_buffer("rank1_u", torch.stack(u))  # [H, r] refreshed once per optimiser step
+        self.register_buffer("rank1_v", torch.stack(v))  # [H, r]
+        self.register_buffer("head_query", torch.arange(H) // 2, persistent=False)  # [H] query group of each head
+
+    @torch.no_grad()
+    def refresh_rank1(self) -> None:
+        """Recompute every head's (u, v) from its cores, sign-aligned with the head's old pair."""
+        for h, core in enumerate(self.cores):
+            u, v = rank1_factors(core, previous=(self.rank1_u[h], self.rank1_v[h]))
+            self.rank1_u[h].copy_(u)
+            self.rank1_v[h].copy_(v)
+
+    def axis_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head, per-rank row and column scores, each ``[..., H, n, r]``."""
+        cfg = self.cfg
+        q = self.query(x).unflatten(-1, (cfg.query_groups, 2, -1, cfg.d_key))  # [..., G, 2, nq, D_k]
+        q = self.query_norm(q).index_select(-4, self.head_query)  # [..., H, 2, nq, D_k]
+        q = q.expand(*q.shape[:-2], cfg.rank, cfg.d_key)  # [..., H, 2, r, D_k] (shared query if nq = 1)
+        keys = self.key_norm(self.keys)  # [H, 2, n, r, D_k]
+        s_row = torch.einsum("...hrd,hnrd->...hnr", q[..., 0, :, :], keys[:, 0])  # [..., H, n, r]
+        s_col = torch.einsum("...hrd,hnrd->...hnr", q[..., 1, :, :], keys[:, 1])  # [..., H, n, r]
+        return s_row, s_col
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """x ``[..., d]`` -> ``(scores [..., H*m, c], virtual slot ids [..., H*m], aux)``, head-major.
+
+        The auxiliary losses are averaged over heads (so H does not rescale their weights).
+        """
+        s_row, s_col = self.axis_scores(x)
+        scores, idx, aux = [], [], {}
+        for h in range(self.cfg.heads):
+            sc, ix, head_aux = tucker_search(self.cfg, s_row[..., h, :, :], s_col[..., h, :, :], self.cores[h],
+                                             (self.rank1_u[h], self.rank1_v[h]))  # [..., m, c], [..., m]
+            scores.append(sc)
+            idx.append(ix)
+            for name, value in head_aux.items():
+                aux[name] = aux.get(name, 0.0) + value / self.cfg.heads
+        return torch.cat(scores, dim=-2), torch.cat(idx, dim=-1), aux
+
+
+class UltraMem(nn.Module):
+    """UltraMem v1 layer: ``o = sum_e W_e^T (sum_{k in block e} s_k V[row_k])`` (IVE, MCS slices).
+
+    The sum runs over the H*m slots all heads picked (:class:`MultiHeadTuckerRetrieval`), read
+    from one value table.  The E per-block projectors ``W_e: D_v -> d`` are one
+    ``Linear(E * D_v, d)`` over the concatenated block sums.  Placement as a skip-layer (read at
+    block a, add after block b) is the model's job.
+    """
+
+    def __init__(self, cfg: UltraMemConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.retrieval = MultiHeadTuckerRetrieval(cfg)
         self.values = nn.Parameter(torch.randn(cfg.n_rows, cfg.d_value) * 0.02)  # [N, D_v]
         self.register_buffer("shuffle", torch.randperm(cfg.n_keys**2))  # [E*N] virtual -> physical
         self.proj = nn.Linear(cfg.expand * cfg.d_value, cfg.d_model, bias=False)  # [W_1; ...; W_E]
         nn.init.normal_(self.proj.weight, std=(cfg.expand * cfg.d_value) ** -0.5)
 
     def forward(self, x: Tensor) -> MemoryOutput:
-        scores, virtual, aux = self.retrieval(x)  # [..., m, c], [..., m]
+        scores, virtual, aux = self.retrieval(x)  # [..., H*m, c], [..., H*m]
         z = expanded_lookup(self.values, virtual, scores, self.shuffle, self.cfg.expand)  # [..., E, D_v]
-        rows = self.shuffle[virtual] % self.cfg.n_rows  # [..., m]
+        rows = self.shuffle[virtual] % self.cfg.n_rows  # [..., H*m]
         return MemoryOutput(self.proj(z.flatten(-2)), rows, scores, aux)  # [..., d]
 
 
@@ -445,5 +566,5 @@ class UltraMemV2(nn.Module):
 def refresh_rank1(model: nn.Module) -> None:
     """Refresh every TDQKR prefilter in ``model``; call once per optimiser step (after ``step()``)."""
     for module in model.modules():
-        if isinstance(module, TuckerRetrieval):
+        if isinstance(module, (TuckerRetrieval, MultiHeadTuckerRetrieval)):
             module.refresh_rank1()

@@ -110,17 +110,18 @@ def rank1_recall(
     k: int | None = None,
     rank1: tuple[Tensor, Tensor] | None = None,
     positive_only: bool = False,
+    quadrants: int = 1,
 ) -> float:
     """Fraction of the exact top-m slots that the rank-1 prefilter also returns, averaged over tokens.
 
     Runs :func:`~umv2_ref.retrieval.tucker_topk` both ways (``exact=True`` and the prefilter with
-    ``k`` candidates per axis and factors ``rank1``).  With ``positive_only`` the exact top-m is
+    ``k`` candidates per axis, factors ``rank1`` and ``quadrants`` sign quadrants).  With ``positive_only`` the exact top-m is
     restricted to pairs whose rank-1 factors ``s_row @ u`` and ``s_col @ v`` are both positive (the
     only pairs the prefilter can propose, papers.md Sec. 5.4); tokens with no such pair are skipped.
     """
     n = s_row.shape[-2]
     _, exact = tucker_topk(s_row, s_col, cores, m, exact=True)  # [..., m]
-    _, approx = tucker_topk(s_row, s_col, cores, m, k=k, rank1=rank1)  # [..., m]
+    _, approx = tucker_topk(s_row, s_col, cores, m, k=k, rank1=rank1, quadrants=quadrants)  # [..., m]
     hit = (exact[..., :, None] == approx[..., None, :]).any(-1)  # [..., m]
     if not positive_only:
         return hit.double().mean().item()

@@ -11,9 +11,10 @@ One block (pre-norm, RMSNorm, rotary positions, causal SDPA attention, SwiGLU FF
 * ``dense``: SwiGLU FFN in every block.
 * ``moe``: top-k mixture of SwiGLU experts in every block (:class:`MoE`, Switch/OLMoE style).
 * ``pkm`` / ``memoryplus`` / ``peer``: the memory layer *replaces* the FFN of the blocks listed
-  in ``memory_layers`` (XLM's ``--mem_enc_positions``), SwiGLU elsewhere.
+  in ``memory_layers`` (XLM's ``--mem_enc_positions``), SwiGLU elsewhere.  Memory+ layers share one
+  :class:`~umv2_ref.layers.ValueTable` (``mem_share_values``, the Memory+ paper's default).
 * ``ultramem``: SwiGLU everywhere plus skip-layer memories ``"a:b"`` that read block a's FFN
-  input and add their output after block b (UltraMem v1).
+  input and add their output after block b (UltraMem v1), each with ``mem_heads`` retrieval heads.
 * ``ultramemv2``: a memory layer in *every* block, in parallel with a shrunk SwiGLU on the same
   normalised input: ``x_{l+1} = h_l + FFN(xbar_l) + Mem_l(xbar_l)`` (papers.md Sec. 6.2), optionally
   with one :class:`~umv2_ref.layers.ValuePool` shared by all layers (``share_ratio``, Sec. 6.8).
@@ -50,6 +51,7 @@ from .layers import (
     UltraMemV2,
     UltraMemV2Config,
     ValuePool,
+    ValueTable,
     ring_layout,
 )
 
@@ -89,9 +91,10 @@ class ModelConfig:
     # --- memory sizes (see memory_config for the mapping onto the layer configs) ---
     mem_n_keys: int = 16  # keys per axis n (ultramemv2: knum, keys per axis of a layer's value window)
     mem_topk: int = 8  # PKM-family: k per head; UltraMem/V2: m slots per token
-    mem_heads: int = 2  # product-key heads (pkm/memoryplus/peer); TDQKR uses one head
+    mem_heads: int = 2  # heads: product-key heads (pkm/memoryplus/peer), UltraMem v1 TDQKR heads; ultramemv2: 1
     mem_d_key: int = 32  # PKM-family: query dim per head; UltraMem/V2: D_k
     mem_d_value: int = 0  # 0 -> d_model; memoryplus/ultramem/ultramemv2 value width D_v
+    mem_share_values: bool = True  # memoryplus: all its memory layers read one value table (False: one each)
     mem_d_pre: int = 0  # ultramemv2 pre-value width D_p; 0 -> mem_d_value
     mem_query_norm: str = "layer"  # PKM-family query norm ('batch' would leak future tokens)
     mem_rank: int = 2  # Tucker rank r
@@ -99,6 +102,7 @@ class ModelConfig:
     mem_expand: int = 4  # ultramem: implicit value expansion E
     mem_key_expand: int = 1  # ultramemv2: official mem_key_expand_time (grid keys = this x window keys)
     mem_norm: str = "rms"  # TDQKR query/key norm
+    mem_prefilter_quadrants: int = 1  # ultramem/ultramemv2 rank-1 prefilter: 1 as the papers, 2 both sign quadrants
     mem_tucker_penalty: float = 0.0  # UltraMem Eq. 17 weight (0.001 in UltraMem)
     mem_balance_loss: float = 0.0  # UltraMemV2 key-balance weight (0 in the paper)
     share_ratio: float | None = None  # ultramemv2: None -> one table per layer; else ring_layout
@@ -118,6 +122,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.moe_topk={self.moe_topk} must be <= n_experts={self.n_experts}")
         if self.share_ratio is not None and self.ffn != "ultramemv2":
             raise ValueError(f"ModelConfig.share_ratio is for ffn='ultramemv2' only, got ffn={self.ffn!r}")
+        if self.mem_prefilter_quadrants != 1 and self.ffn not in ("ultramem", "ultramemv2"):
+            raise ValueError(f"ModelConfig.mem_prefilter_quadrants is for ffn='ultramem' or 'ultramemv2' only, "
+                             f"got ffn={self.ffn!r}")
+        if not self.mem_share_values and self.ffn != "memoryplus":
+            raise ValueError(f"ModelConfig.mem_share_values=False is for ffn='memoryplus' only, got ffn={self.ffn!r}")
         self.d_ff = self.d_ff or default_d_ff(self.d_model)
         self.d_expert = self.d_expert or max(1, self.d_ff // self.moe_topk)
         self.mem_d_value = self.mem_d_value or self.d_model
@@ -174,10 +183,12 @@ def memory_config(cfg: ModelConfig) -> PKMConfig | UltraMemConfig | UltraMemV2Co
         return PKMConfig(d_model=cfg.d_model, n_keys=cfg.mem_n_keys, d_key=cfg.mem_d_key, heads=cfg.mem_heads,
                          topk=cfg.mem_topk, query_norm=cfg.mem_query_norm, d_value=d_value, backend=cfg.backend)
     tucker = dict(d_model=cfg.d_model, d_key=cfg.mem_d_key, rank=cfg.mem_rank, cores=cfg.mem_cores,
-                  topm=cfg.mem_topk, norm=cfg.mem_norm, tucker_penalty=cfg.mem_tucker_penalty,
+                  topm=cfg.mem_topk, norm=cfg.mem_norm, prefilter_quadrants=cfg.mem_prefilter_quadrants,
+                  tucker_penalty=cfg.mem_tucker_penalty,
                   balance_loss=cfg.mem_balance_loss, backend=cfg.backend)
     if cfg.ffn == "ultramem":
-        return UltraMemConfig(**tucker, n_keys=cfg.mem_n_keys, d_value=cfg.mem_d_value, expand=cfg.mem_expand)
+        return UltraMemConfig(**tucker, n_keys=cfg.mem_n_keys, heads=cfg.mem_heads, d_value=cfg.mem_d_value,
+                              expand=cfg.mem_expand)
     if cfg.ffn == "ultramemv2":
         window_keys = cfg.mem_n_keys
         if cfg.share_ratio is not None:
@@ -342,8 +353,10 @@ class LMOutput:
     memory: list[MemoryOutput] = field(default_factory=list)  # one per memory layer, in block order
 
 
-def build_memories(cfg: ModelConfig) -> tuple[list[nn.Module], ValuePool | None]:
-    """One memory layer per placement; for ultramemv2 with ``share_ratio`` also the shared pool."""
+def build_memories(cfg: ModelConfig) -> tuple[list[nn.Module], ValuePool | ValueTable | None]:
+    """One memory layer per placement, and the value store they share, if any: the
+    :class:`ValuePool` of ultramemv2 with ``share_ratio``, or the :class:`ValueTable` of memoryplus
+    with ``mem_share_values``."""
     placements = memory_placements(cfg)
     if not placements:
         return [], None
@@ -352,6 +365,9 @@ def build_memories(cfg: ModelConfig) -> tuple[list[nn.Module], ValuePool | None]
         rows, _, offsets = ring_layout(cfg.n_layers, cfg.mem_n_keys, cfg.share_ratio)
         pool = ValuePool(rows, layer_cfg.d_pre, layer_cfg.d_value, std=layer_cfg.value_std)
         return [UltraMemV2(layer_cfg, pool=pool, offset=offsets[a]) for a, _ in placements], pool
+    if cfg.ffn == "memoryplus" and cfg.mem_share_values:
+        table = ValueTable(layer_cfg.n_slots, layer_cfg.d_value)
+        return [MemoryPlus(layer_cfg, table=table) for _ in placements], table
     layer_cls = {"pkm": PKM, "memoryplus": MemoryPlus, "peer": PEER, "ultramem": UltraMem, "ultramemv2": UltraMemV2}
     return [layer_cls[cfg.ffn](layer_cfg) for _ in placements], None
 
@@ -365,11 +381,11 @@ class TinyLM(nn.Module):
         self.placements = memory_placements(cfg)
         replaced = {a for a, _ in self.placements} if cfg.ffn in REPLACE_KINDS else set()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, None if l in replaced else self._make_ffn(cfg))
-                                    for l in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, None if i in replaced else self._make_ffn(cfg))
+                                    for i in range(cfg.n_layers))
         memories, pool = build_memories(cfg)
         self.memory = nn.ModuleList(memories)
-        self.value_pool = pool  # registered once here; the UltraMemV2 layers only reference it
+        self.value_pool = pool  # registered once here; the layers sharing it only reference it
         self.norm = nn.RMSNorm(cfg.d_model)
         init_weights_(self)
 
@@ -389,11 +405,11 @@ class TinyLM(nn.Module):
         reads: dict[int, Tensor] = {}  # block -> its normalised FFN input
         aux: dict[str, Tensor] = {}
         memory_outputs: list[MemoryOutput] = []
-        for l, block in enumerate(self.blocks):
-            x, reads[l], block_aux = block(x)  # [B, T, d], [B, T, d]
-            aux.update({f"block{l}.{name}": value for name, value in block_aux.items()})
+        for i, block in enumerate(self.blocks):
+            x, reads[i], block_aux = block(x)  # [B, T, d], [B, T, d]
+            aux.update({f"block{i}.{name}": value for name, value in block_aux.items()})
             for j, (a, b) in enumerate(self.placements):
-                if b == l:
+                if b == i:
                     out = self.memory[j](reads[a])  # MemoryOutput, output [B, T, d]
                     x = x + out.output  # [B, T, d]
                     aux.update({f"memory{j}.{name}": value for name, value in out.aux_losses.items()})

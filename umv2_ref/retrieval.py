@@ -11,7 +11,9 @@ scoring the n^2 slots one by one:
   cores (multi-core scoring, UltraMem Eqs. 16-17).  Its top-m is found approximately with a
   rank-1 prefilter (UltraMem Eqs. 6-10): the leading singular pair (u, v) of ``sum_c C_c`` turns
   each axis into one score (``s_row @ u``, ``s_col @ v``), top-k per axis proposes k x k
-  candidates, and the full cores rescore them.
+  candidates, and the full cores rescore them.  ``quadrants=2`` (this project's addition, not in
+  the papers) also proposes the k x k grid of the most *negative* factors, whose product is just
+  as large.
 
 Flat slot index convention everywhere: ``i * n + j`` (row i, column j).
 
@@ -170,6 +172,7 @@ def tucker_topk(
     *,
     k: int | None = None,
     rank1: tuple[Tensor, Tensor] | None = None,
+    quadrants: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Top-m slots of the Tucker grid ``sum_c s_row[i]^T C_c s_col[j]`` (UltraMem TDQKR + MCS).
 
@@ -182,19 +185,26 @@ def tucker_topk(
             ``k <= n`` and ``k * k >= m``.
         rank1: ``(u, v)`` from :func:`rank1_factors`; the layers pass their once-per-step
             buffers here.  Default: computed from ``cores`` now.
+        quadrants: where the prefilter looks.  1 (the papers): the k x k grid of the top-k rows of
+            ``a = s_row @ u`` and top-k columns of ``b = s_col @ v``.  2 (this project's addition):
+            also the k x k grid of the top-k rows of ``-a`` and columns of ``-b``; the candidates
+            are the union of both grids (a pair in both counts once).
 
     Returns:
         ``(scores, indices)``: ``scores [..., m, c]`` (one score per core, used to weight the
-        core's channel slice of each value), ``indices [..., m]`` flat ``i * n + j``, sorted by
-        the summed score, descending.  Gradients flow to s_row, s_col and cores through the
-        selected pairs only; the selection itself (and the prefilter) is not differentiable.
+        core's channel slice of each value), ``indices [..., m]`` flat ``i * n + j``, distinct,
+        sorted by the summed score, descending.  Gradients flow to s_row, s_col and cores through
+        the selected pairs only; the selection itself (and the prefilter) is not differentiable.
 
-    The prefilter never proposes a pair whose rank-1 factors are both negative, although such a
-    pair can have a large positive grid score: recall against ``exact=True`` is below 1 (about
-    0.5 at random init, papers.md Sec. 7.5), and equals 1 on pairs whose factors are positive when
-    the summed core is exactly rank 1.
+    With ``quadrants=1`` the prefilter never proposes a pair whose rank-1 factors are both
+    negative, although such a pair has a large positive rank-1 score ``lambda_1 a_i b_j``: recall
+    against ``exact=True`` is about 0.5 at random init, and 1 on pairs whose factors are positive
+    when the summed core is exactly rank 1.  ``quadrants=2`` proposes from both sign quadrants
+    (at most ``2 k^2`` candidates, rescored with the full cores) and recovers most of the rest.
     """
     n, r = _check_tucker(s_row, s_col, cores, m)
+    if isinstance(quadrants, bool) or not isinstance(quadrants, int) or quadrants not in (1, 2):
+        raise ValueError(f"quadrants must be 1 or 2, got {quadrants!r}")
     if exact:
         with torch.no_grad():
             total = tucker_grid(s_row, s_col, cores).sum(-3).flatten(-2)  # [..., n*n]
@@ -207,21 +217,43 @@ def tucker_topk(
             raise ValueError(f"k (candidates per axis) must satisfy k <= n={n} and k*k >= m={m}; got k={k}")
         u, v = rank1_factors(cores) if rank1 is None else rank1
         with torch.no_grad():
-            a = s_row @ u.to(s_row.dtype)  # [..., n]
-            b = s_col @ v.to(s_col.dtype)  # [..., n]
-            idx_r = a.topk(k, dim=-1).indices  # [..., k]
-            idx_c = b.topk(k, dim=-1).indices  # [..., k]
-            sr = s_row.gather(-2, idx_r[..., None].expand(*idx_r.shape, r))  # [..., k, r]
-            sc = s_col.gather(-2, idx_c[..., None].expand(*idx_c.shape, r))  # [..., k, r]
-            cand = (sr @ cores.sum(0) @ sc.transpose(-1, -2)).flatten(-2)  # [..., k*k] sum over cores
-            best = cand.topk(m, dim=-1).indices  # [..., m] flat (row candidate, col candidate)
-            rows = idx_r.gather(-1, best // k)  # [..., m]
-            cols = idx_c.gather(-1, best % k)  # [..., m]
+            rows, cols = _prefilter(s_row, s_col, cores, m, k, u, v, quadrants)
     scores = _gather_pair_scores(s_row, s_col, cores, rows, cols)  # [..., m, c]
     order = scores.detach().sum(-1).argsort(dim=-1, descending=True)  # [..., m]
     scores = scores.gather(-2, order[..., None].expand_as(scores))
     indices = (rows * n + cols).gather(-1, order)
     return scores, indices
+
+
+def _prefilter(s_row: Tensor, s_col: Tensor, cores: Tensor, m: int, k: int, u: Tensor, v: Tensor,
+               quadrants: int) -> tuple[Tensor, Tensor]:
+    """Rows and columns ``[..., m]`` of the best m candidates of the rank-1 prefilter (no gradient).
+
+    Quadrant q proposes the k x k grid ``I_row^q x I_col^q``: q = 0 the top-k of ``a = s_row @ u``
+    and ``b = s_col @ v``, q = 1 the top-k of ``-a`` and ``-b``.  Every candidate is rescored with
+    ``sum_c C_c`` as one batched ``R (sum_c C_c) C^T`` product per quadrant.
+    """
+    r = s_row.shape[-1]
+    a = s_row @ u.to(s_row.dtype)  # [..., n]
+    b = s_col @ v.to(s_col.dtype)  # [..., n]
+    signs = (1.0, -1.0)[:quadrants]
+    idx_r = torch.stack([(sign * a).topk(k, dim=-1).indices for sign in signs], dim=-2)  # [..., Q, k]
+    idx_c = torch.stack([(sign * b).topk(k, dim=-1).indices for sign in signs], dim=-2)  # [..., Q, k]
+    sr = s_row[..., None, :, :].expand(*idx_r.shape[:-1], *s_row.shape[-2:])  # [..., Q, n, r]
+    sc = s_col[..., None, :, :].expand(*idx_c.shape[:-1], *s_col.shape[-2:])  # [..., Q, n, r]
+    sr = sr.gather(-2, idx_r[..., None].expand(*idx_r.shape, r))  # [..., Q, k, r]
+    sc = sc.gather(-2, idx_c[..., None].expand(*idx_c.shape, r))  # [..., Q, k, r]
+    cand = sr @ cores.sum(0) @ sc.transpose(-1, -2)  # [..., Q, k, k] summed over cores
+    if quadrants == 2:  # a pair proposed by both quadrants counts once: drop its second copy
+        row_in_first = (idx_r[..., 1, :, None] == idx_r[..., 0, None, :]).any(-1)  # [..., k]
+        col_in_first = (idx_c[..., 1, :, None] == idx_c[..., 0, None, :]).any(-1)  # [..., k]
+        twice = row_in_first[..., :, None] & col_in_first[..., None, :]  # [..., k, k]
+        cand[..., 1, :, :] = cand[..., 1, :, :].masked_fill(twice, -torch.inf)
+    best = cand.flatten(-3).topk(m, dim=-1).indices  # [..., m] flat (quadrant, row candidate, col candidate)
+    quadrant, pos = best // (k * k), best % (k * k)  # [..., m]
+    rows = idx_r.flatten(-2).gather(-1, quadrant * k + pos // k)  # [..., m]
+    cols = idx_c.flatten(-2).gather(-1, quadrant * k + pos % k)  # [..., m]
+    return rows, cols
 
 
 def tucker_rank_penalty(cores: Tensor, tau: float = 0.15) -> Tensor:

@@ -52,6 +52,8 @@ from tqdm.auto import tqdm
 
 from . import costs
 from . import data as text_data
+from .checkpoint import CHECKPOINT, CheckpointError, MissingCheckpointError, make_checkpoint, read_checkpoint
+from .checkpoint import load_model  # noqa: F401  (public: umv2_ref.train.load_model)
 from . import synthetic
 from .layers import TuckerRetrieval, UltraMemV2, refresh_rank1
 from .metrics import UsageTracker, score_means, tucker_singular_values
@@ -61,8 +63,6 @@ from .optim import cosine_lr, is_memory_value, param_groups, value_lr_multiplier
 TASK_NAMES = ("text",) + tuple(synthetic.TASKS)
 VALUE_LR_SCHEDULES = ("constant", "decay")
 KIND_TO_CONFIG = {"moe": "moe-8of64"}  # --model moe means the 8-of-64 expert setting
-CHECKPOINT = "checkpoint.pt"
-FORMAT_VERSION = 1
 RESUMED_RESULTS = ("history", "usage_history", "final", "memory")  # results carried by a checkpoint
 # TrainConfig fields that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ("out", "resume", "stop_at", "eval_every", "progress", "overwrite")
@@ -113,10 +113,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
         if self.warmup is None:
             self.warmup = max(1, self.steps // 10)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed: damaged, truncated, or from a different configuration."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,16 +307,10 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def load_checkpoint(path: Path, identity: dict) -> dict:
     """Read a checkpoint and check it belongs to this run; :class:`CheckpointError` otherwise."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, bad pickle, not a torch file ...
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(err).__name__}: {err})") from None
-    missing = {"format", "identity", "step", "model", "optimizer", "rng", "results"} - set(ckpt)
-    if missing or ckpt["format"] != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not a umv2_ref.train checkpoint (format {ckpt.get('format')}, "
-                              f"missing {sorted(missing)})")
+        ckpt = read_checkpoint(path)
+    except MissingCheckpointError as err:
+        raise MissingCheckpointError(f"--resume: {err}") from None
     diffs = [f"{part}.{key}: checkpoint {ckpt['identity'][part].get(key)!r} vs now {value!r}"
              for part in identity for key, value in identity[part].items()
              if ckpt["identity"][part].get(key) != value]
@@ -441,10 +431,9 @@ def train(config: TrainConfig | dict | list[str] | argparse.Namespace | None = N
 
     def checkpoint(step: int) -> None:
         if out is not None and rank == 0:
-            save_checkpoint(out / CHECKPOINT, {
-                "format": FORMAT_VERSION, "identity": identity, "step": step, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
-                "results": {k: results[k] for k in RESUMED_RESULTS if k in results}})
+            save_checkpoint(out / CHECKPOINT, make_checkpoint(
+                identity, step, model, optimizer, rng_state(generator),
+                {k: results[k] for k in RESUMED_RESULTS if k in results}))
             write_metrics(out, results)
         if world > 1:
             dist.barrier()

@@ -200,7 +200,7 @@ def table_names(model):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("config", ["ultramemv2", "ultramemv2-shared", "pkm", "peer"])
+@pytest.mark.parametrize("config", ["ultramemv2", "ultramemv2-shared", "pkm", "peer", "memoryplus", "ultramem"])
 def test_sparse_step_changes_only_the_selected_rows(optimizer, config):
     overrides = {} if config.startswith("ultramemv2") else dict(mem_n_keys=16, mem_topk=4)
     model = tiny_model(config, **overrides)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import require_positive_int
-from .layers import MemoryOutput, UltraMemV2, refresh_rank1
+from .layers import MemoryOutput, MemoryPlus, UltraMemV2, refresh_rank1
 from .metrics import slot_counts
 from .optim import param_groups
 
@@ -52,13 +52,16 @@ IGNORE = -100
 def value_tables(model: nn.Module) -> list[tuple[nn.Parameter | None, nn.Parameter]]:
     """``(pre_values or None, values)`` addressed by each memory layer's ``MemoryOutput.indices``.
 
-    UltraMemV2 layers may share one :class:`~umv2_ref.layers.ValuePool`: then several entries hold
-    the *same* parameters, and a row is one row of the shared table.
+    UltraMemV2 layers may share one :class:`~umv2_ref.layers.ValuePool` and Memory+ layers one
+    :class:`~umv2_ref.layers.ValueTable`: then several entries hold the *same* parameters, and a
+    row is one row of the shared table.
     """
     tables = []
     for layer in model.memory:
         if isinstance(layer, UltraMemV2):
             tables.append(layer.tables())
+        elif isinstance(layer, MemoryPlus):
+            tables.append((None, layer.table()))  # its own values or a shared ValueTable
         else:
             tables.append((getattr(layer, "pre_values", None), layer.values))
     if not tables:

@@ -99,23 +99,23 @@ class Settings:
     model_overrides: dict = field(default_factory=lambda: dict(
         d_ff=136, mem_n_keys=96, mem_d_key=8, mem_topk=32, mem_d_pre=8, mem_d_value=16))
     value_std: float = 0.02  # UltraMemV2 value / pre-value init (the official code's constant)
-    n_facts: int = 512  # facts per set; A and B use disjoint entity pairs
+    n_facts: int = 256  # facts per set; A and B use disjoint entity pairs
     entity_tokens: int = 32  # entity alphabet: 2 * n_facts <= entity_tokens ** 2
     seq_len: int = 64
-    pretrain_steps: int = 400
-    text_batch: int = 16  # text rows per pretraining step
-    facts_batch: int = 16  # fact-set-A rows per pretraining step
+    pretrain_steps: int = 300
+    text_batch: int = 8  # text rows per pretraining step
+    facts_batch: int = 8  # fact-set-A rows per pretraining step
     lr: float = 3e-3  # pretraining AdamW, warmup + cosine
     value_lr_mult: float = 10.0  # pretraining: memory tables' learning-rate multiplier
     weight_decay: float = 0.1
     background_docs: int = 64  # background documents (pretraining-mix batches) for the slot statistics
-    finetune_steps: int = 200
+    finetune_steps: int = 150
     finetune_batch: int = 16  # fact-set-B rows per finetuning step
     t: int = 64  # sparse: rows per memory layer per batch
     t_sweep: tuple[int, ...] = (16, 256)  # extra t values for the sparse TF-IDF SGD method (selected LR)
-    eval_every: int = 20
-    eval_facts: int = 128  # fixed evaluation sequences per fact set (8 facts each)
-    eval_text: int = 64  # fixed validation windows of the text
+    eval_every: int = 25
+    eval_facts: int = 64  # fixed evaluation sequences per fact set (8 facts each)
+    eval_text: int = 32  # fixed validation windows of the text
     seeds: tuple[int, ...] = (1, 2, 3)  # seed 0 is the tuning seed
     lr_points: int = 1  # learning rates per method (the tuned one); --tune uses 3
     lr_spacing: float = 10.0
@@ -130,7 +130,7 @@ class Settings:
 
 SMOKE = Settings(pretrain_steps=40, background_docs=8, finetune_steps=12, eval_every=6, eval_facts=32,
                  eval_text=16, t_sweep=(16,), text_batch=8, facts_batch=8, finetune_batch=8)
-TUNE = Settings(seeds=(0,), lr_points=3, finetune_steps=100, eval_every=25, t_sweep=())
+TUNE = Settings(seeds=(0,), lr_points=3, finetune_steps=100, t_sweep=())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +187,20 @@ def evaluate(model: nn.Module, sets: EvalSets) -> dict:
     text_loss = sum(scored_metrics(model, x, y)[0] for x, y in sets.text) / len(sets.text)
     model.train(was_training)
     return {"acc_a": acc_a, "acc_b": acc_b, "text_loss": text_loss}
+
+
+@torch.no_grad()
+def memory_knockout(model: nn.Module, sets: EvalSets) -> dict:
+    """:func:`evaluate` with every memory layer's output set to zero (where does the model keep facts?)."""
+    def zero(module, args, out):
+        return replace(out, output=torch.zeros_like(out.output))
+
+    handles = [layer.register_forward_hook(zero) for layer in model.memory]
+    try:
+        return evaluate(model, sets)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def mix_batch(s: Settings, task_a, generator: torch.Generator, text_rows: int, fact_rows: int) -> tuple[Tensor, Tensor]:
@@ -269,9 +283,10 @@ def pretrained(s: Settings, seed: int, out: Path | None, progress: bool = True) 
         return model.eval(), info
     cpu0 = time.process_time()
     model, record = pretrain(s, task_a, seed, progress)
+    sets = eval_sets(s, task_a, task_b, seed)
     info = {"identity": identity, "seconds": record["seconds"], "cpu_seconds": time.process_time() - cpu0,
-            "final_train_losses": record["train_losses"][-1],
-            "eval": evaluate(model, eval_sets(s, task_a, task_b, seed))}
+            "final_train_losses": record["train_losses"][-1], "eval": evaluate(model, sets),
+            "memory_off": memory_knockout(model, sets)}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".model.pt.tmp{os.getpid()}"
@@ -299,8 +314,11 @@ def run_plan(s: Settings, methods: tuple[Method, ...]) -> list[tuple[str, Method
 
 
 def finetune_run(s: Settings, model: TinyLM, fields: dict, seed: int, background: cl.SlotStats, sets: EvalSets,
-                 task_b) -> dict:
-    """One finetuning run on a copy of ``model``; returns its record (history of A/B accuracy, text loss)."""
+                 task_b, keep_model: bool = False) -> dict:
+    """One finetuning run on a copy of ``model``; returns its record (history of A/B accuracy, text loss).
+
+    With ``keep_model`` the finetuned copy is returned too, as ``record["model"]`` (not JSON).
+    """
     cfg = cl.FinetuneConfig(**fields)
     student = copy.deepcopy(model)
     torch.manual_seed(seed)
@@ -309,6 +327,8 @@ def finetune_run(s: Settings, model: TinyLM, fields: dict, seed: int, background
     result = cl.finetune(student, cfg, lambda: task_b.sample(s.finetune_batch, generator), background,
                          evaluate=lambda m: evaluate(m, sets))
     result.update(seed=seed, cpu_seconds=time.process_time() - cpu0, seconds=time.perf_counter() - wall0)
+    if keep_model:
+        result["model"] = student
     return result
 
 

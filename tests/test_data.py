@@ -85,5 +85,51 @@ def test_loading_and_batching_never_touch_the_network(monkeypatch):
         raise AssertionError("network access")
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    data.load.cache_clear()
+    data._load.cache_clear()
     data.get_batch("val", 2, 8, torch.Generator().manual_seed(0))
+
+
+def test_a_split_that_would_be_empty_is_refused_not_swapped():
+    text = "abcdefghijklmnopqrstuvwxyz" * 20  # 520 bytes: int(520 * 0.001) == 0 val bytes
+    with pytest.raises(ValueError, match=r"val split would be empty \(need at least 1000 bytes\)"):
+        data.TextData(text, val_fraction=0.001)
+    with pytest.raises(ValueError, match="0 bytes"):
+        data.TextData("")
+    tiny = data.TextData("abcdefghij")  # 10 bytes: 1 validates, 9 train
+    assert len(tiny.splits["train"]) == 9 and len(tiny.splits["val"]) == 1
+    for fraction in (0.001, 0.1, 0.5, 0.9):
+        corpus = data.TextData("x" * 4000, val_fraction=fraction)
+        n_val = len(corpus.splits["val"])
+        assert n_val == int(4000 * fraction) and len(corpus.splits["train"]) == 4000 - n_val
+
+
+def test_files_are_read_as_bytes_utf8_or_not(tmp_path):
+    raw = bytes(range(256)) * 4 + b"\xff\xfe\x80 not UTF-8"
+    path = tmp_path / "binary.dat"
+    path.write_bytes(raw)
+    corpus = data.TextData.from_file(path)
+    assert corpus.tokens.tolist() == list(raw)
+    import hashlib
+
+    assert corpus.sha256 == hashlib.sha256(raw).hexdigest()
+    x, y = corpus.get_batch("train", 2, 8, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 8)
+
+
+def test_directories_devices_and_empty_files_are_refused_clearly(tmp_path):
+    import os
+
+    for path in (tmp_path, os.devnull):
+        with pytest.raises(ValueError, match="not a regular file"):
+            data.TextData.from_file(path)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.txt has 0 bytes"):
+        data.TextData.from_file(tmp_path / "empty.txt")
+
+
+def test_load_sees_a_changed_file(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("first version " * 20)
+    first = data.load(str(path))
+    path.write_text("second version, longer " * 20)
+    assert data.load(str(path)).sha256 != first.sha256

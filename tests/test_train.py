@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from umv2_ref.optim import value_lr_multiplier
+from umv2_ref.checkpoint import rng_state
 from umv2_ref.model import ModelConfig, TinyLM
 from umv2_ref.train import (CheckpointError, TaskData, TrainConfig, build_parser, config_from, evaluate, load_model,
                             make_checkpoint, save_checkpoint, train)
@@ -171,7 +172,8 @@ def test_load_model_round_trip_gives_bitwise_identical_logits(tmp_path, kind):
     model.eval()
     optimizer = torch.optim.AdamW(model.parameters())
     identity = {"train": {}, "model": dataclasses.asdict(cfg), "task": {}}
-    save_checkpoint(tmp_path / "checkpoint.pt", make_checkpoint(identity, 0, model, optimizer, {}, {}))
+    rng = rng_state(torch.Generator())
+    save_checkpoint(tmp_path / "checkpoint.pt", make_checkpoint(identity, 0, model, optimizer, rng, {}))
     tokens = torch.randint(64, (3, 16))
     rng_before = torch.get_rng_state()
     loaded = load_model(tmp_path)  # the run directory ...
@@ -198,6 +200,9 @@ def test_load_model_refuses_bad_paths_and_files(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="damaged or truncated"):
         load_model(tmp_path / "garbage.pt")
+    (tmp_path / "run" / "checkpoint.pt").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_model(tmp_path / "run")  # its checkpoint.pt is a directory
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="not a umv2_ref.train checkpoint"):
         load_model(tmp_path / "list.pt")

@@ -6,11 +6,14 @@ that covers CPython itself).  Its topics are joined in sorted-key order, so the 
 same on every machine with the same Python version (466,195 bytes on Python 3.11.7; the exact
 text changes between Python releases).  Nothing is downloaded at import or test time.
 
-* Tokenisation is byte-level: vocabulary 256, ``token = byte``; every text file works.
-* The split is fixed: the first 90 % of the bytes train, the last 10 % validate.
+* Tokenisation is byte-level: vocabulary 256, ``token = byte``.  A file is read as raw bytes, so
+  any file works, UTF-8 or not (:func:`decode` shows invalid UTF-8 as U+FFFD).
+* The split is fixed: the first 90 % of the bytes train, the last 10 % validate; a text too short
+  for both splits to be non-empty is refused.
 * Training batches are random windows drawn with a caller-owned ``torch.Generator`` (so a
   resumed run can restore the generator state); validation uses fixed, evenly spaced windows.
-* Any UTF-8 text file can replace the default corpus (``--text-file`` in ``umv2_ref.train``).
+* Any regular file can replace the default corpus (``--text-file`` in ``umv2_ref.train``); a
+  directory, a device such as ``/dev/null`` or an empty file is refused.
 * Users with internet can fetch Tiny Shakespeare once with
   ``python -m umv2_ref.data --download-shakespeare data/tinyshakespeare.txt`` and then pass
   ``--text-file data/tinyshakespeare.txt``.  The tests never call it.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,9 +43,12 @@ def default_corpus() -> str:
     return "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
 
 
-def encode(text: str) -> Tensor:
-    """UTF-8 bytes as a ``uint8`` tensor ``[n_bytes]`` (token ids 0..255)."""
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
+def encode(text: str | bytes) -> Tensor:
+    """UTF-8 bytes of ``text`` (or the raw ``bytes``) as a ``uint8`` tensor ``[n_bytes]`` (token ids 0..255)."""
+    raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if not raw:  # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
 
 def decode(tokens: Tensor) -> str:
@@ -50,23 +57,40 @@ def decode(tokens: Tensor) -> str:
 
 
 class TextData:
-    """A byte-tokenised corpus with a fixed train/validation split (last ``val_fraction`` validates)."""
+    """A byte-tokenised corpus with a fixed train/validation split (last ``val_fraction`` validates).
 
-    def __init__(self, text: str, val_fraction: float = VAL_FRACTION, name: str = "text"):
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    ``text`` is a string (encoded as UTF-8) or raw bytes.  Both splits must be non-empty:
+    ``int(n_bytes * val_fraction) >= 1`` and the rest trains; otherwise ``ValueError``.
+    """
+
+    def __init__(self, text: str | bytes, val_fraction: float = VAL_FRACTION, name: str = "text"):
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         self.name = name
         self.tokens = encode(text)  # [n] uint8
-        n_val = int(len(self.tokens) * val_fraction)
-        self.splits = {"train": self.tokens[:-n_val], "val": self.tokens[-n_val:]}
-        self.sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        n = len(self.tokens)
+        n_val = int(n * val_fraction)
+        if n_val < 1:
+            need = math.ceil(1 / val_fraction)
+            raise ValueError(f"{name} has {n} bytes, too few to split with val_fraction={val_fraction}: "
+                             f"the val split would be empty (need at least {need} bytes)")
+        self.splits = {"train": self.tokens[:n - n_val], "val": self.tokens[n - n_val:]}
+        self.sha256 = hashlib.sha256(text.encode("utf-8") if isinstance(text, str) else bytes(text)).hexdigest()
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "TextData":
+        """The file's raw bytes (byte-level tokens: UTF-8 or not, every regular file works)."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"text_file {str(path)!r} does not exist")
-        return cls(path.read_text(encoding="utf-8"), name=path.name, **kwargs)
+        if not path.is_file():
+            raise ValueError(f"text_file {str(path)!r} is not a regular file (a directory or a device)")
+        return cls(path.read_bytes(), name=path.name, **kwargs)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Both splits hold more than ``seq_len + 1`` bytes (one window and its shifted target)."""
+        for split in SPLITS:
+            self._split(split, seq_len)
 
     def _split(self, split: str, seq_len: int) -> Tensor:
         if split not in SPLITS:
@@ -94,9 +118,17 @@ class TextData:
         return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
 
 
-@lru_cache(maxsize=4)
 def load(text_file: str | None = None) -> TextData:
-    """The default corpus (``text_file=None``) or a user's UTF-8 text file, cached per path."""
+    """The default corpus (``text_file=None``) or a file's bytes, cached per path and file version."""
+    if text_file is None:
+        return _load(None, None)
+    path = Path(text_file)
+    version = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+    return _load(text_file, version)
+
+
+@lru_cache(maxsize=4)
+def _load(text_file: str | None, version: tuple | None) -> TextData:
     if text_file is None:
         return TextData(default_corpus(), name="pydoc_topics")
     return TextData.from_file(text_file)

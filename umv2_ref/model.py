@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import require_indices_in_range
 from .init import init_ultramemv2_
 from .layers import (
     PEER,
@@ -401,6 +402,9 @@ class TinyLM(nn.Module):
             raise ValueError(f"tokens must be an int tensor [B, T], got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"tokens has T={tokens.shape[1]} > max_seq_len={self.cfg.max_seq_len}")
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():  # a free value check on CPU;
+            # on CUDA the embedding kernel's own device assert catches it without a host sync
+            require_indices_in_range("tokens", tokens, self.cfg.vocab_size, "the embedding, vocab_size")
         x = self.embed(tokens)  # [B, T, d]
         reads: dict[int, Tensor] = {}  # block -> its normalised FFN input
         aux: dict[str, Tensor] = {}

@@ -5,7 +5,8 @@
     python -m umv2_ref.train --out runs/umv2 --steps 300 --resume          # continue after Ctrl-C
     torchrun --standalone --nproc_per_node=2 -m umv2_ref.train --model moe --steps 100
 
-From Python (notebooks): ``results = train(TrainConfig(model="ultramemv2", steps=100))``.
+From Python (notebooks): ``results = train(TrainConfig(model="ultramemv2", steps=100))``, and
+``model = load_model("runs/umv2")`` for the trained model.
 
 What one optimiser step does (nanoGPT-style loop):
 
@@ -21,25 +22,28 @@ What one optimiser step does (nanoGPT-style loop):
 
 Every ``eval_every`` steps: validation loss and accuracy at the scored positions, memory metrics
 (slot usage, KL to uniform, dead slots, top-1 / top-m score means, Tucker singular values), the
-metrics files ``metrics.csv`` / ``metrics.json`` and an atomic checkpoint ``checkpoint.pt`` (model,
-optimiser, step, history, the RNG states of torch, numpy, python and the data generator, and the
-config).  ``--resume`` continues bit-for-bit on CPU; a checkpoint from a different run
-configuration, or a damaged file, is refused with an error.  Ctrl-C finishes the current step,
-saves a checkpoint and exits.
+metrics files ``metrics.csv`` / ``metrics.json`` and a checkpoint ``checkpoint.pt`` (model,
+optimiser, step, history, the RNG states of torch, numpy, python and the data generator, the
+config and a SHA-256 of it all).  ``--resume`` continues bit-for-bit on CPU; a checkpoint from a
+different run configuration, or a damaged or edited file, is refused with a ``CheckpointError``.
+SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a checkpoint and exits (130 / 143).
+
+The pieces: :mod:`umv2_ref.train_config` (``TrainConfig`` and its checks), :mod:`umv2_ref.cli`
+(the command line), :mod:`umv2_ref.checkpoint` (checkpoint content, checks, ``load_model``) and
+:mod:`umv2_ref.rundir` (the run directory: lock, atomic writes, metrics files).  This module is
+the loop.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
 import os
 import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -52,67 +56,25 @@ from tqdm.auto import tqdm
 
 from . import costs
 from . import data as text_data
-from .checkpoint import CHECKPOINT, CheckpointError, MissingCheckpointError, make_checkpoint, read_checkpoint
-from .checkpoint import load_model  # noqa: F401  (public: umv2_ref.train.load_model)
 from . import synthetic
+from .checkpoint import (CHECKPOINT, CheckpointError, MissingCheckpointError, check_resumable, load_model,
+                         make_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from .cli import build_parser, config_from, main
 from .layers import TuckerRetrieval, UltraMemV2, refresh_rank1
 from .metrics import UsageTracker, score_means, tucker_singular_values
-from .model import MODEL_KINDS, ModelConfig, TinyLM
+from .model import ModelConfig, TinyLM
 from .optim import cosine_lr, is_memory_value, param_groups, value_lr_multiplier
+from .rundir import RunLock, open_run_dir, write_metrics, write_usage
+from .train_config import TASK_NAMES, VALUE_LR_SCHEDULES, TrainConfig
 
-TASK_NAMES = ("text",) + tuple(synthetic.TASKS)
-VALUE_LR_SCHEDULES = ("constant", "decay")
+__all__ = ["TrainConfig", "CheckpointError", "TASK_NAMES", "VALUE_LR_SCHEDULES", "train", "prepare", "Run",
+           "load_model", "evaluate", "TaskData", "build_parser", "config_from", "main", "make_checkpoint",
+           "save_checkpoint"]
+
 KIND_TO_CONFIG = {"moe": "moe-8of64"}  # --model moe means the 8-of-64 expert setting
 RESUMED_RESULTS = ("history", "usage_history", "final", "memory")  # results carried by a checkpoint
 # TrainConfig fields that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ("out", "resume", "stop_at", "eval_every", "progress", "overwrite")
-
-
-@dataclass
-class TrainConfig:
-    """One training run.  ``batch_size`` is the global batch (split across DDP ranks)."""
-
-    model: str = "ultramemv2"  # a MODEL_KINDS name or a umv2_ref.configs name
-    task: str = "text"  # one of TASK_NAMES
-    steps: int = 200
-    seed: int = 0
-    batch_size: int = 16
-    seq_len: int | None = None  # None: 64 for text, the task's own length for synthetic tasks
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    warmup: int | None = None  # None: steps // 10
-    min_lr_frac: float = 0.1  # cosine floor (UltraMem Table 4)
-    grad_clip: float = 1.0
-    value_lr_mult: float = 1.0  # memory values / pre-values learning-rate multiplier
-    value_lr_schedule: str = "constant"  # "decay": value_lr_mult -> 1x over the run (UltraMem)
-    eval_every: int = 50
-    eval_batches: int = 8
-    eval_batch_size: int = 32
-    text_file: str | None = None  # None: the bundled CPython documentation corpus
-    out: str | None = None  # directory for metrics and checkpoints (None: keep results in memory)
-    resume: bool = False
-    overwrite: bool = False  # start afresh even if ``out`` holds a checkpoint
-    stop_at: int | None = None  # save and exit after this step (a scripted interruption)
-    progress: bool = True
-    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields
-    task_overrides: dict = field(default_factory=dict)  # synthetic task fields
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_batches", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if self.task not in TASK_NAMES:
-            raise ValueError(f"TrainConfig.task must be one of {TASK_NAMES}, got {self.task!r}")
-        if self.value_lr_schedule not in VALUE_LR_SCHEDULES:
-            raise ValueError(f"TrainConfig.value_lr_schedule must be one of {VALUE_LR_SCHEDULES}, "
-                             f"got {self.value_lr_schedule!r}")
-        if self.lr <= 0 or self.value_lr_mult <= 0:
-            raise ValueError(f"TrainConfig.lr and value_lr_mult must be positive, got {self.lr}, {self.value_lr_mult}")
-        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
-            raise ValueError(f"TrainConfig.stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
-        if self.warmup is None:
-            self.warmup = max(1, self.steps // 10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,25 +83,37 @@ class TrainConfig:
 
 
 class TaskData:
-    """``train_batch(B, generator)`` and fixed ``eval_batches()`` for text or a synthetic task."""
+    """``train_batch(B, generator)`` and fixed ``eval_batches()`` for text or a synthetic task.
+
+    Everything that could refuse (file, split sizes, task fields, evaluation size) is checked here,
+    before training starts.
+    """
 
     def __init__(self, cfg: TrainConfig):
         self.name = cfg.task
+        self.n_eval = cfg.eval_batches * cfg.eval_batch_size
+        self.eval_batch_size = cfg.eval_batch_size
         if cfg.task == "text":
             if cfg.task_overrides:
                 raise ValueError(f"task_overrides are for synthetic tasks, got {cfg.task_overrides} with task='text'")
             self.text = text_data.load(cfg.text_file)
             self.seq_len, self.vocab_size = cfg.seq_len or 64, text_data.VOCAB_SIZE
+            self.text.check_seq_len(self.seq_len)
             self.config = {"corpus": self.text.name, "sha256": self.text.sha256, "seq_len": self.seq_len}
-        else:
-            overrides = dict(cfg.task_overrides)
-            if cfg.seq_len is not None:
-                overrides.setdefault("seq_len", cfg.seq_len)
-            self.task = synthetic.make_task(cfg.task, **overrides)
-            self.seq_len, self.vocab_size = self.task.seq_len, self.task.vocab_size
-            self.config = synthetic.task_config(self.task)
-        self.n_eval = cfg.eval_batches * cfg.eval_batch_size
-        self.eval_batch_size = cfg.eval_batch_size
+            return
+        overrides = dict(cfg.task_overrides)
+        fields = {f.name for f in dataclasses.fields(synthetic.TASKS[cfg.task])}
+        if set(overrides) - fields:
+            raise ValueError(f"task_overrides has unknown {cfg.task} fields {sorted(set(overrides) - fields)}; "
+                             f"known: {sorted(fields)}")
+        if cfg.seq_len is not None:
+            overrides.setdefault("seq_len", cfg.seq_len)
+        self.task = synthetic.make_task(cfg.task, **overrides)
+        self.seq_len, self.vocab_size = self.task.seq_len, self.task.vocab_size
+        self.config = synthetic.task_config(self.task)
+        if self.n_eval > synthetic.EVAL_EXAMPLES:
+            raise ValueError(f"eval_batches * eval_batch_size = {self.n_eval} exceeds the "
+                             f"{synthetic.EVAL_EXAMPLES} evaluation examples")
 
     def train_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         if self.name == "text":
@@ -151,9 +125,6 @@ class TaskData:
         if self.name == "text":
             n_batches = self.n_eval // self.eval_batch_size
             return self.text.eval_batches("val", n_batches, self.eval_batch_size, self.seq_len)
-        if self.n_eval > synthetic.EVAL_EXAMPLES:
-            raise ValueError(f"eval_batches * eval_batch_size = {self.n_eval} exceeds the "
-                             f"{synthetic.EVAL_EXAMPLES} evaluation examples")
         x, y = synthetic.eval_set(self.task)
         x, y = x[:self.n_eval], y[:self.n_eval]
         return [(x[i:i + self.eval_batch_size], y[i:i + self.eval_batch_size]) for i in range(0, self.n_eval, self.eval_batch_size)]
@@ -166,11 +137,9 @@ class TaskData:
 
 def build_model_config(cfg: TrainConfig, vocab_size: int, seq_len: int) -> ModelConfig:
     """``cfg.model`` (a kind or a configs.py name) at ``vocab_size`` with ``cfg.model_overrides``."""
-    from .configs import CONFIG_NAMES, get_config
+    from .configs import get_config
 
     name = KIND_TO_CONFIG.get(cfg.model, cfg.model)
-    if name not in CONFIG_NAMES:
-        raise ValueError(f"model must be one of {MODEL_KINDS} or {CONFIG_NAMES}, got {cfg.model!r}")
     unknown = set(cfg.model_overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ValueError(f"model_overrides has unknown ModelConfig fields {sorted(unknown)}")
@@ -264,88 +233,7 @@ def evaluate(model: TinyLM, batches: list[tuple[Tensor, Tensor]]) -> tuple[dict,
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and metrics files (atomic: write a temporary file, then os.replace)
-# ---------------------------------------------------------------------------------------------
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": random.getstate(), "data": generator.get_state()}
-
-
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    generator.set_state(state["data"])
-
-
-def run_identity(cfg: TrainConfig, model_cfg: ModelConfig, task_cfg: dict) -> dict:
-    """What must match for a checkpoint to be resumed: run fields, model and task configs."""
-    run = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
-    return {"train": run, "model": asdict(model_cfg), "task": task_cfg}
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
-
-
-def load_checkpoint(path: Path, identity: dict) -> dict:
-    """Read a checkpoint and check it belongs to this run; :class:`CheckpointError` otherwise."""
-    try:
-        ckpt = read_checkpoint(path)
-    except MissingCheckpointError as err:
-        raise MissingCheckpointError(f"--resume: {err}") from None
-    diffs = [f"{part}.{key}: checkpoint {ckpt['identity'][part].get(key)!r} vs now {value!r}"
-             for part in identity for key, value in identity[part].items()
-             if ckpt["identity"][part].get(key) != value]
-    diffs += [f"{part}.{key}: only in checkpoint" for part in identity for key in ckpt["identity"][part]
-              if key not in identity[part]]
-    if diffs:
-        raise CheckpointError(f"checkpoint {path} comes from a different configuration:\n  " + "\n  ".join(diffs))
-    return ckpt
-
-
-CSV_COLUMNS = ("step", "split", "loss", "aux", "acc", "lr", "value_lr", "grad_norm", "tokens_per_s",
-               "mem_usage", "mem_kl", "mem_dead", "mem_score_top1", "mem_score_topm", "mem_sv_ratio")
-
-
-def write_metrics(out: Path, results: dict) -> None:
-    """``metrics.csv`` (one row per train step and per evaluation) and ``metrics.json`` (everything)."""
-    rows = [{"split": "train", **r} for r in results["history"]["train"]]
-    rows += [{"split": "val", **r} for r in results["history"]["val"]]
-    rows.sort(key=lambda r: (r["step"], r["split"] == "val"))
-
-    aux_kinds = sorted({k for r in rows for k in r if k.startswith("aux_")})
-
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS + tuple(aux_kinds), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(out / "metrics.csv", write_csv)
-    summary = {k: v for k, v in results.items() if k != "usage_history"}
-    atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun + gloo on CPU)
+# Distributed helpers (torchrun + gloo on CPU) and signals
 # ---------------------------------------------------------------------------------------------
 
 
@@ -365,38 +253,163 @@ def all_sum(value: Tensor, world: int) -> Tensor:
     return value
 
 
+def all_max(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor(float(value))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 class StopFlag:
-    """Ctrl-C (SIGINT) sets a flag checked between steps; a second Ctrl-C aborts immediately."""
+    """SIGINT (Ctrl-C) or SIGTERM (``kill``, ``docker stop``, Slurm) sets a flag checked between steps;
+    a second signal aborts immediately."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self.previous = None
+        self.signum = 0
+        self.previous: dict = {}
 
     def __enter__(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.signum:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step and saving a checkpoint (signal again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
-    def agreed(self, world: int) -> bool:
-        """True when any rank was interrupted (so that all ranks stop after the same step)."""
-        if world == 1:
-            return self.requested
-        return all_sum(torch.tensor(float(self.requested)), world).item() > 0
+    def agreed(self, world: int) -> int:
+        """The signal number when any rank was signalled (so that all ranks stop after the same step), else 0."""
+        return int(all_max(self.signum, world))
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop
+# A run: prepare (every check, before any training), fit (the loop), close (release --out)
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a prepared run needs; :func:`prepare` builds it, :meth:`fit` trains it."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    taskdata: TaskData
+    model: TinyLM
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    identity: dict
+    results: dict
+    out: Path | None
+    lock: RunLock | None
+    start: int = 0
+
+    def close(self) -> None:
+        """Release the lock on ``out`` (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def checkpoint(self, step: int) -> None:
+        if self.out is not None and self.rank == 0:
+            save_checkpoint(self.out / CHECKPOINT, make_checkpoint(
+                self.identity, step, self.model, self.optimizer, rng_state(self.generator),
+                {k: self.results[k] for k in RESUMED_RESULTS if k in self.results}))
+            write_metrics(self.out, self.results)
+        if self.world > 1:
+            dist.barrier()
+
+    def record_eval(self, step: int, batches: list) -> None:
+        if self.rank == 0:
+            scalars, layers, counts = evaluate(self.model, batches)
+            self.results["history"]["val"].append({"step": step, **scalars})
+            self.results["memory"], self.results["final"] = layers, {"step": step, **scalars}
+            self.results["usage_history"].append((step, counts))
+
+    def fit(self) -> dict:
+        """Train from ``start`` to ``steps`` (or ``stop_at``, or a signal); returns the results dict."""
+        cfg, results, rank, world = self.cfg, self.results, self.rank, self.world
+        ddp = wrap_ddp(self.model, world)
+        eval_batches = self.taskdata.eval_batches() if rank == 0 else []
+        tokens_per_step = cfg.batch_size * self.taskdata.seq_len
+        done = saved = self.start
+        with StopFlag() as stop:  # also covers the final saves: a signal then only sets the flag
+            if self.start == 0:
+                self.record_eval(0, eval_batches)
+            if rank == 0 and cfg.progress:
+                print(f"training {cfg.model}/{cfg.task}: steps {self.start}..{cfg.steps} ({world} process(es), "
+                      f"{results['params']['params']:,} parameters); Ctrl-C saves and stops", file=sys.stderr, flush=True)
+            quiet = {} if cfg.progress and rank == 0 else {"disable": True}  # TQDM_DISABLE=1 still silences it
+            bar = tqdm(range(self.start, cfg.stop_at or cfg.steps), initial=self.start, total=cfg.steps,
+                       desc=f"{cfg.model}/{cfg.task}", dynamic_ncols=True, **quiet)
+            for step in bar:
+                tick = time.perf_counter()
+                record = train_step(cfg, ddp, self.model, self.optimizer, self.taskdata, self.generator, step, rank, world)
+                record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tick)
+                results["history"]["train"].append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                done = step + 1
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    self.record_eval(done, eval_batches)
+                    self.checkpoint(done)
+                    saved = done
+                signum = stop.agreed(world)
+                if signum:
+                    results["interrupted"], results["signal"] = True, signum
+                    break
+            bar.close()
+            if saved != done:  # stopped between evaluations (stop_at or a signal): evaluate and save now
+                self.record_eval(done, eval_batches)
+                self.checkpoint(done)
+            if results["interrupted"] and rank == 0:
+                print(f"stopped at step {done}; continue with --resume --out {cfg.out}" if self.out else
+                      f"stopped at step {done} (no out= given, nothing saved)", file=sys.stderr)
+            speeds = [r["tokens_per_s"] for r in results["history"]["train"][min(5, len(results["history"]["train"]) - 1):]]
+            results["tokens_per_s"] = float(np.median(speeds)) if speeds else float("nan")
+            if self.out is not None and rank == 0:
+                write_metrics(self.out, results)
+                write_usage(self.out, results["usage_history"])
+        return results
+
+
+def prepare(config: TrainConfig | dict | list[str] | argparse.Namespace | None = None) -> Run:
+    """Validate everything and build the run: config, data, model, optimiser, the locked ``out``
+    directory and, with ``resume``, the restored checkpoint.  Nothing is trained yet; every user
+    mistake is refused here.  Call :meth:`Run.close` (or use :func:`train`) to release ``out``."""
+    cfg = config_from(config)
+    rank, world = init_distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    taskdata = TaskData(cfg)
+    model_cfg = build_model_config(cfg, taskdata.vocab_size, taskdata.seq_len)
+    out = Path(cfg.out) if cfg.out else None
+    lock = open_run_dir(out) if out is not None and rank == 0 else None  # only rank 0 writes
+    try:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = TinyLM(model_cfg)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.value_lr_mult), betas=(0.9, 0.95))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        identity = run_identity(cfg, model_cfg, taskdata.config)
+        results = {"config": asdict(cfg), "model_config": asdict(model_cfg), "task_config": taskdata.config,
+                   "params": count_params(model), "world_size": world,
+                   "history": {"train": [], "val": []}, "usage_history": [], "interrupted": False}
+        start = restore(cfg, out, identity, model, optimizer, generator, results)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Run(cfg, rank, world, taskdata, model, optimizer, generator, identity, results, out, lock, start)
 
 
 def train(config: TrainConfig | dict | list[str] | argparse.Namespace | None = None) -> dict:
@@ -405,99 +418,38 @@ def train(config: TrainConfig | dict | list[str] | argparse.Namespace | None = N
     Keys: ``config``, ``model_config``, ``task_config``, ``params``, ``history`` (``train``: one
     dict per step; ``val``: one per evaluation), ``final`` (last evaluation), ``memory`` (per-layer
     metrics of the last evaluation), ``usage_history`` (``[(step, [counts per layer])]``),
-    ``tokens_per_s``, ``interrupted``.
+    ``tokens_per_s``, ``interrupted`` (and ``signal``, its number, when a signal stopped it).
     """
-    cfg = config_from(config)
-    rank, world = init_distributed()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
-    taskdata = TaskData(cfg)
-    model_cfg = build_model_config(cfg, taskdata.vocab_size, taskdata.seq_len)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model = TinyLM(model_cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.value_lr_mult), betas=(0.9, 0.95))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    identity = run_identity(cfg, model_cfg, taskdata.config)
-    results = {"config": asdict(cfg), "model_config": asdict(model_cfg), "task_config": taskdata.config,
-               "params": count_params(model), "world_size": world,
-               "history": {"train": [], "val": []}, "usage_history": [], "interrupted": False}
-    out = Path(cfg.out) if cfg.out else None
-    start = restore(cfg, out, identity, model, optimizer, generator, results)
-    ddp = wrap_ddp(model, world)
-    eval_batches = taskdata.eval_batches() if rank == 0 else []
-    tokens_per_step = cfg.batch_size * taskdata.seq_len
+    run = prepare(config)
+    try:
+        return run.fit()
+    finally:
+        run.close()
 
-    def checkpoint(step: int) -> None:
-        if out is not None and rank == 0:
-            save_checkpoint(out / CHECKPOINT, make_checkpoint(
-                identity, step, model, optimizer, rng_state(generator),
-                {k: results[k] for k in RESUMED_RESULTS if k in results}))
-            write_metrics(out, results)
-        if world > 1:
-            dist.barrier()
 
-    def run_eval(step: int) -> None:
-        if rank == 0:
-            scalars, layers, counts = evaluate(model, eval_batches)
-            results["history"]["val"].append({"step": step, **scalars})
-            results["memory"], results["final"] = layers, {"step": step, **scalars}
-            results["usage_history"].append((step, counts))
-
-    if start == 0:
-        run_eval(0)
-    bar_kwargs = {} if cfg.progress and rank == 0 else {"disable": True}
-    bar = tqdm(range(start, cfg.stop_at or cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.model}/{cfg.task}",
-               dynamic_ncols=True, **bar_kwargs)
-    done = saved = start
-    with StopFlag() as stop:
-        if rank == 0 and cfg.progress:
-            print(f"training {cfg.model}/{cfg.task}: steps {start}..{cfg.steps} ({world} process(es), "
-                  f"{results['params']['params']:,} parameters); Ctrl-C saves and stops", file=sys.stderr, flush=True)
-        for step in bar:
-            tick = time.perf_counter()
-            record = train_step(cfg, ddp, model, optimizer, taskdata, generator, step, rank, world)
-            record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tick)
-            results["history"]["train"].append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            done = step + 1
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                run_eval(done)
-                checkpoint(done)
-                saved = done
-            if stop.agreed(world):
-                results["interrupted"] = True
-                break
-    bar.close()
-    if saved != done:  # stopped between evaluations (stop_at or Ctrl-C): evaluate and save now
-        run_eval(done)
-        checkpoint(done)
-    if results["interrupted"] and rank == 0:
-        print(f"stopped at step {done}; continue with --resume --out {cfg.out}" if out else
-              f"stopped at step {done} (no out= given, nothing saved)", file=sys.stderr)
-    speeds = [r["tokens_per_s"] for r in results["history"]["train"][min(5, len(results["history"]["train"]) - 1):]]
-    results["tokens_per_s"] = float(np.median(speeds)) if speeds else float("nan")
-    if out is not None and rank == 0:
-        write_metrics(out, results)
-        torch.save(results["usage_history"], out / "usage_counts.pt")
-    return results
+def run_identity(cfg: TrainConfig, model_cfg: ModelConfig, task_cfg: dict) -> dict:
+    """What must match for a checkpoint to be resumed: run fields, model and task configs."""
+    run = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    return {"train": run, "model": asdict(model_cfg), "task": task_cfg}
 
 
 def restore(cfg: TrainConfig, out: Path | None, identity: dict, model: TinyLM, optimizer: torch.optim.Optimizer,
             generator: torch.Generator, results: dict) -> int:
-    """Prepare ``out``; with ``cfg.resume`` load its checkpoint into the model, optimiser, RNGs and
-    results and return the step to continue from (0 for a fresh run)."""
+    """With ``cfg.resume`` load ``out``'s checkpoint into the model, optimiser, RNGs and results and
+    return the step to continue from; 0 for a fresh run (which refuses to replace a checkpoint
+    unless ``cfg.overwrite``)."""
     if out is None:
-        if cfg.resume:
-            raise ValueError("resume=True needs out= (the directory holding checkpoint.pt)")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
+    path = out / CHECKPOINT
     if not cfg.resume:
-        if (out / CHECKPOINT).exists() and not cfg.overwrite:
-            raise FileExistsError(f"{out / CHECKPOINT} exists: pass --resume to continue it or --overwrite to start over")
+        if path.exists() and not cfg.overwrite:
+            raise FileExistsError(f"{path} exists: pass --resume to continue it or --overwrite to start over")
         return 0
-    ckpt = load_checkpoint(out / CHECKPOINT, identity)
+    try:
+        ckpt = read_checkpoint(path)
+    except MissingCheckpointError as err:
+        raise MissingCheckpointError(f"--resume: {err}") from None
+    check_resumable(ckpt, identity, cfg.steps, path)
     load_state(model, optimizer, ckpt)
     set_rng_state(ckpt["rng"], generator)
     results.update(ckpt["results"])
@@ -536,7 +488,7 @@ def load_state(model: TinyLM, optimizer: torch.optim.Optimizer, ckpt: dict) -> N
     try:
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
         raise CheckpointError(f"checkpoint does not fit this model/optimiser: {err}") from None
 
 
@@ -565,68 +517,6 @@ def wrap_ddp(model: TinyLM, world: int) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, find_unused_parameters=has_unused_parameters(model, model.cfg.vocab_size))
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration from the command line, a JSON file, a dict
-# ---------------------------------------------------------------------------------------------
-
-
-def config_from(config: TrainConfig | dict | list[str] | argparse.Namespace | None) -> TrainConfig:
-    if isinstance(config, TrainConfig):
-        return config
-    if isinstance(config, dict):
-        unknown = set(config) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return TrainConfig(**config)
-    if config is None or isinstance(config, list):
-        config = build_parser().parse_args(config)
-    values = {}
-    if config.config:
-        path = Path(config.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path} does not exist")
-        values = json.loads(path.read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"--config {path} must hold a JSON object of TrainConfig fields")
-    values.update({k: v for k, v in vars(config).items() if v is not None and k != "config"})
-    return config_from(values)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """CLI flags; unset flags fall back to the ``--config`` JSON, then to TrainConfig's defaults."""
-    p = argparse.ArgumentParser(prog="python -m umv2_ref.train", description=__doc__.split("\n")[0])
-    p.add_argument("--model", help=f"{', '.join(MODEL_KINDS)} or a umv2_ref.configs name (moe = moe-8of64)")
-    p.add_argument("--task", choices=TASK_NAMES)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="directory for metrics.csv/json and checkpoint.pt")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true", default=None, help="start afresh even if OUT has a checkpoint")
-    p.add_argument("--config", help="JSON file of TrainConfig fields (model_overrides / task_overrides dicts too)")
-    p.add_argument("--text-file", help="train on this UTF-8 text file instead of the bundled corpus")
-    p.add_argument("--batch-size", type=int, help="global batch (split across torchrun processes)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--value-lr-mult", type=float, help="lr multiplier of memory values (UltraMem: 4)")
-    p.add_argument("--value-lr-schedule", choices=VALUE_LR_SCHEDULES, help="decay: multiplier -> 1x (UltraMem)")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--stop-at", type=int, help="save a checkpoint and exit after this step")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    results = train(build_parser().parse_args(argv))
-    if int(os.environ.get("RANK", "0")) == 0 and "final" in results:
-        final = results["final"]
-        print(f"step {final['step']}: val loss {final['loss']:.4f}, acc {final['acc']:.3f}, "
-              f"{results['tokens_per_s']:.0f} tokens/s")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 130 if results["interrupted"] else 0
 
 
 if __name__ == "__main__":

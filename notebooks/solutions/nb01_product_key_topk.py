@@ -1,5 +1,4 @@
 """Solution of nb01_product_key_topk: exact top-k of s_row[i] + s_col[j] from a k x k candidate block."""
-import torch
 
 
 def solution(s_row, s_col, k):

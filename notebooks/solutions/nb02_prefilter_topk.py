@@ -1,5 +1,4 @@
 """Solution of nb02_prefilter_topk: rank-1 candidates, full-core rescoring, top-m."""
-import torch
 
 
 def solution(s_row, s_col, cores, u, v, m, k):

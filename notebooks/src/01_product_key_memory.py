@@ -175,11 +175,14 @@ print(f"product-key top-k == brute force on {trials} random and {trials} tied pr
 # %% [markdown]
 # ### Exercise 1 — the two-stage top-k, batched
 #
+# *Goal: find the exact top-k of an n×n additive grid from a k×k candidate block, for a batch.*
+#
 # Write `my_product_key_topk(s_row, s_col, k)` for a batch of queries: `s_row`, `s_col` are
 # `[B, n]`; return `(scores [B, k], slot_ids [B, k])`, scores descending and `slot_id = i * n + j`.
-# Hint: `topk`, broadcasting to a `[B, k, k]` block, `gather`. Common mistakes the checker
-# catches: pairing the $r$-th best row only with the $r$-th best column, returning positions in
-# the candidate block instead of slot ids, and flattening column-major.
+# **Do not build the n×n grid**: the checker watches the tensors your function allocates and refuses
+# one with n² scores per query (and calls of `product_key_topk` / `dense_topk`).
+# Hint: `topk`, broadcasting to a `[B, k, k]` block, `gather`. The checker names the common
+# mistakes, for example pairing the $r$-th best row only with the $r$-th best column.
 
 # %%
 def my_product_key_topk(s_row, s_col, k):
@@ -187,6 +190,24 @@ def my_product_key_topk(s_row, s_col, k):
 
 
 check("nb01_product_key_topk", my_product_key_topk)
+
+# %% [markdown]
+# ### Exercise 2 — three sub-key sets
+#
+# *Goal: extend the exactness argument to three sub-key sets, $n^3$ slots.*
+#
+# Split the query in **three** parts and give each its own sub-key set: slot $(i, j, l)$ scores
+# $s_1[i] + s_2[j] + s_3[l]$ and has the id $(i\cdot n + j)\cdot n + l$. Write
+# `my_cube_topk(s1, s2, s3, k)` (each `[B, n]`) returning the exact top-k `(scores [B, k], ids [B, k])`.
+# Decide first which candidates suffice (the proof above carries over), and again do not build a
+# tensor with n² or more scores per query.
+
+# %%
+def my_cube_topk(s1, s2, s3, k):
+    raise NotImplementedError  # your code here
+
+
+check("nb01_cube_topk", my_cube_topk)
 
 # %% [markdown]
 # ### Try it: the candidate set as $k$ grows
@@ -265,9 +286,13 @@ print("inline multi-head PKM == umv2_ref.layers.PKM; slots read per token:", ref
 # uniformly. A reference point for "dead" plots: with $A$ uniformly random accesses, expected usage
 # is $1-(1-1/N)^A\approx 1-e^{-A/N}$ (papers.md §7.7).
 #
-# ### Exercise 2 — usage metrics
+# ### Exercise 3 — usage metrics
 #
-# Given selections `indices [T, k]` over `n_slots` slots, return `torch.stack([usage, kl])` in float64.
+# *Goal: measure how much of a memory is used — the fraction of slots read and the KL of the access
+# distribution to uniform.*
+#
+# Given selections `indices [T, k]` over `n_slots` slots, return `torch.stack([usage, kl])` in float64
+# (with $0 \log 0 = 0$), without the package's `viz.usage_metrics`.
 
 # %%
 def my_usage_metrics(indices, n_slots):
@@ -275,6 +300,24 @@ def my_usage_metrics(indices, n_slots):
 
 
 check("nb01_usage_metrics", my_usage_metrics)
+
+# %% [markdown]
+# ### Exercise 4 — the usage of random reads
+#
+# *Goal: derive the baseline of every usage plot — what uniformly random reads would reach.*
+#
+# The formula above treats the $A$ accesses as independent. A PKM head, though, reads $k$
+# **distinct** slots per token, and there are $H$ heads. Write `my_expected_usage(n_slots, tokens,
+# heads, k)` (float64 tensors `[B]`, one configuration per entry) returning the expected fraction of
+# the $N$ slots read at least once when each of the `tokens` × `heads` selections is $k$ distinct slots
+# drawn uniformly at random.
+
+# %%
+def my_expected_usage(n_slots, tokens, heads, k):
+    raise NotImplementedError  # your code here
+
+
+check("nb01_expected_usage", my_expected_usage)
 
 # %% [markdown]
 # ### Why normalise queries?

@@ -106,6 +106,31 @@ with torch.no_grad():
     S_row, S_col = retrieval.axis_scores(x)  # [T, n, r] each
     cores = retrieval.cores.clone()  # [c, r, r]
 
+fig = viz.core_heatmaps(cores, title="Tucker cores at init (U[0, 1])")
+plt.show()
+
+# %% [markdown]
+# ### Exercise 1 — the summed Tucker grid
+#
+# *Goal: score the whole Tucker grid of a batch of queries with several cores, using that the grid is
+# linear in the core.*
+#
+# Write `my_tucker_grid(s_row, s_col, cores)` for a batch: `s_row`, `s_col` are `[B, n, r]`,
+# `cores` is `[c, r, r]`; return the summed grid `[B, n, n]` (without `tucker_grid`). The checker
+# names the usual slips, for example a transposed core or a core reduced to its diagonal.
+
+# %%
+def my_tucker_grid(s_row, s_col, cores):
+    raise NotImplementedError  # your code here
+
+
+check("nb02_tucker_grid", my_tucker_grid)
+
+# %% [markdown]
+# The per-core grids and their sum for the 512 tokens (one way to write Exercise 1), and the exact
+# top-$m$ with one score per core:
+
+# %%
 per_core = torch.einsum("tia,cab,tjb->tcij", S_row, cores, S_col)  # [T, c, n, n]
 torch.testing.assert_close(per_core, tucker_grid(S_row, S_col, cores))
 summed = per_core.sum(1)  # [T, n, n] ranking score
@@ -114,23 +139,6 @@ torch.testing.assert_close(summed, S_row @ cores.sum(0) @ S_col.transpose(1, 2))
 exact_scores, exact_idx = tucker_topk(S_row, S_col, cores, cfg.topm, exact=True)  # [T, m, c], [T, m]
 torch.testing.assert_close(exact_scores.sum(-1), summed.flatten(1).topk(cfg.topm).values)
 print("per-core scores of the exact top-m:", tuple(exact_scores.shape))
-
-fig = viz.core_heatmaps(cores, title="Tucker cores at init (U[0, 1])")
-plt.show()
-
-# %% [markdown]
-# ### Exercise 1 — the summed Tucker grid
-#
-# Write `my_tucker_grid(s_row, s_col, cores)` for a batch: `s_row`, `s_col` are `[B, n, r]`,
-# `cores` is `[c, r, r]`; return the summed grid `[B, n, n]`. The checker catches a transposed core,
-# a core reduced to its diagonal, and swapped row/column axes.
-
-# %%
-def my_tucker_grid(s_row, s_col, cores):
-    raise NotImplementedError  # your code here
-
-
-check("nb02_tucker_grid", my_tucker_grid)
 
 # %% [markdown]
 # ## 2. The rank-1 prefilter
@@ -243,7 +251,27 @@ u0, v0 = rank1_factors(cores)
 signs = {"(u, v)": (u0, v0), "(-u, -v)": (-u0, -v0), "(u, -v)  [bug]": (u0, -v0)}
 for name, pair in signs.items():
     print(f"{name:16}: recall {recall_report(S_row, S_col, cores, m, k, rank1=pair)['recall']:.3f}")
+assert recall_report(S_row, S_col, cores, m, k, rank1=signs["(u, -v)  [bug]"])["recall"] < 0.05
 
+# %% [markdown]
+# ### Exercise 2 — the union of both quadrants
+#
+# *Goal: cover both quadrants of the factor plane, and merge two candidate sets that may overlap.*
+#
+# Write `my_union_prefilter(s_row, s_col, cores, u, v, m, k)` (`s_row`, `s_col` `[B, n, r]`) returning
+# `(summed scores [B, m], slot_ids [B, m])`: the top-$m$ of the **union** of the $k\times k$ candidates
+# of $(u, v)$ and those of $(-u, -v)$, rescored with the full cores. You may call `tucker_topk(...,
+# k=k, rank1=...)` for each quadrant. Careful: once $k > n/2$ the two candidate sets overlap, and a
+# slot must not be returned twice.
+
+# %%
+def my_union_prefilter(s_row, s_col, cores, u, v, m, k):
+    raise NotImplementedError  # your code here
+
+
+check("nb02_union_prefilter", my_union_prefilter)
+
+# %%
 # union of both quadrants: run the prefilter once per sign and keep the best m of the 2m results
 pos_scores, pos_idx = tucker_topk(S_row, S_col, cores, m, k=k, rank1=(u0, v0))  # [T, m, c], [T, m]
 neg_scores, neg_idx = tucker_topk(S_row, S_col, cores, m, k=k, rank1=(-u0, -v0))
@@ -252,7 +280,6 @@ both_idx = torch.cat([pos_idx, neg_idx], -1)  # [T, 2m] (k <= n/2: the two candi
 union = both_idx.gather(1, both_scores.topk(m).indices)  # [T, m]
 found = (rep["exact"][..., :, None] == union[..., None, :]).any(-1)  # [T, m]
 print(f"union of both quadrants: recall {found.float().mean():.3f}")
-assert recall_report(S_row, S_col, cores, m, k, rank1=signs["(u, -v)  [bug]"])["recall"] < 0.05
 assert found.float().mean() > 0.95
 
 # %% [markdown]
@@ -332,12 +359,16 @@ show_prefilter(0.2, 16, 0)
 interact(show_prefilter, ratio=(0.0, 1.0, 0.1), k=(4, cfg.n_keys, 2), token=(0, 20));
 
 # %% [markdown]
-# ### Exercise 2 — the prefilter
+# ### Exercise 3 — the prefilter, without the grid
+#
+# *Goal: search a Tucker grid cheaply — rank-1 candidates per axis, and full-core rescoring of the
+# $k\times k$ candidate pairs only.*
 #
 # Write `my_prefilter_topk(s_row, s_col, cores, u, v, m, k)`: `s_row`, `s_col` `[B, n, r]`, `cores`
 # `[c, r, r]`, the rank-1 pair `u`, `v` `[r]`. Return `(scores [B, m], slot_ids [B, m])` where scores are
-# the **summed** full-core scores, descending. The checker rejects the exact full scan, ranking the
-# candidates by $a_i b_j$ instead of rescoring, and a one-sided sign flip.
+# the **summed** full-core scores, descending. Section 2 read the candidates' scores off the full grid;
+# here you may not: the checker refuses any tensor with $n^2$ scores per query (and `tucker_topk`).
+# Score only the $k\times k$ candidate pairs.
 
 # %%
 def my_prefilter_topk(s_row, s_col, cores, u, v, m, k):
@@ -360,6 +391,24 @@ check("nb02_prefilter_topk", my_prefilter_topk)
 # official code computes this loss but never adds it to the training loss, and UltraMemV2 drops it.
 # Our measurements say why it could not matter much: it helps only the $(+)\times(+)$ recall, and the
 # negative quadrant, half of the exact top-$m$, is out of reach whatever $\lambda_2$ is.
+
+# %% [markdown]
+# ### Exercise 4 — the penalty
+#
+# *Goal: penalise only the non-leading singular values of the summed core, above a margin.*
+#
+# Write `my_tucker_penalty(cores, tau)` returning the scalar penalty (without $\alpha$), without
+# `tucker_rank_penalty`. The checker names the usual slips, for example penalising $\lambda_1$ too.
+
+# %%
+def my_tucker_penalty(cores, tau):
+    raise NotImplementedError  # your code here
+
+
+check("nb02_tucker_penalty", my_tucker_penalty)
+
+# %% [markdown]
+# One way to write it, checked against the package:
 
 # %%
 def penalty_inline(cores, tau=0.15):
@@ -397,19 +446,6 @@ for name, c in (("before", start_cores), ("after", learned)):
     print(f"{name}: recall {recalls[name]['recall']:.3f}, (+)x(+) recall {recalls[name]['recall_positive_pairs']:.3f}")
 torch.testing.assert_close(after, torch.tensor([1.0, 0.15]), atol=1e-4, rtol=0)
 assert recalls["after"]["recall_positive_pairs"] > recalls["before"]["recall_positive_pairs"]
-
-# %% [markdown]
-# ### Exercise 3 — the penalty
-#
-# Write `my_tucker_penalty(cores, tau)` returning the scalar penalty (without $\alpha$). The checker
-# rejects penalising $\lambda_1$ too, penalising each core's spectrum separately, and dropping the margin.
-
-# %%
-def my_tucker_penalty(cores, tau):
-    raise NotImplementedError  # your code here
-
-
-check("nb02_tucker_penalty", my_tucker_penalty)
 
 # %% [markdown]
 # ## Summary

@@ -70,7 +70,33 @@ W = layer.proj.weight.T.reshape(E, D_v, d)  # [E, D_v, d]: the Linear(E*D_v, d) 
 # (a) materialised: build all E*N virtual rows, then read m of them
 V_virtual = torch.einsum("nv,evd->end", layer.values, W).reshape(E * N, d)  # [E*N, d], row p*N + r = V[r] W_p
 o_materialised = torch.einsum("tm,tmd->td", s, V_virtual[layer.shuffle[virtual]])  # [T, d]
+torch.testing.assert_close(o_materialised, layer(x).output)
+print("materialised virtual tables == umv2_ref UltraMem output")
 
+# %% [markdown]
+# ### Exercise 1 — implicit value expansion
+#
+# *Goal: read $E\cdot N$ virtual slots from $N$ stored rows — pool per block first, project each
+# block after.*
+#
+# Write `my_implicit_expansion(table, virtual, scores, shuffle, proj)`: `table [N, D]`,
+# `virtual`, `scores` `[T, m]`, `shuffle [E*N]`, one projector per block `proj [E, D, d_out]`.
+# Return $o = \sum_p W_p^\top V^\top \hat s_p$, shape `[T, d_out]`, **without building the virtual
+# tables**: the checker refuses any tensor with $N\times d_{out}$ entries (a projected table $V W_p$),
+# and calls of `expanded_lookup`. It names the usual slips, for example splitting $\pi(v)$ into
+# (row, block) the wrong way round.
+
+# %%
+def my_implicit_expansion(table, virtual, scores, shuffle, proj):
+    raise NotImplementedError  # your code here
+
+
+check("nb03_implicit_expansion", my_implicit_expansion)
+
+# %% [markdown]
+# The implicit way on the layer — pool the physical rows of each block, then project each block:
+
+# %%
 # (b) implicit: pool physical rows per block, then project each block
 phys = layer.shuffle[virtual]  # [T, m]
 block, row = phys // N, phys % N  # [T, m] each
@@ -113,22 +139,6 @@ rows_sliced = layer2.values[ph % N].unflatten(-1, (2, D_v // 2))  # [T, m, c, D_
 z2 = torch.einsum("tme,tmc,tmcv->tecv", F.one_hot(ph // N, E).float(), sc, rows_sliced).flatten(-2)  # [T, E, D_v]
 torch.testing.assert_close(layer2.proj(z2.flatten(-2)), layer2(x).output)
 print("per-core slices: inline == UltraMem(cores=2)")
-
-# %% [markdown]
-# ### Exercise 1 — implicit value expansion
-#
-# Write `my_implicit_expansion(table, virtual, scores, shuffle, proj)`: `table [N, D]`,
-# `virtual`, `scores` `[T, m]`, `shuffle [E*N]`, one projector per block `proj [E, D, d_out]`.
-# Return $o = \sum_p W_p^\top V^\top \hat s_p$, shape `[T, d_out]`, without building the virtual tables.
-# The checker rejects forgetting the shuffle, splitting $\pi(v)$ into (row, block) the wrong way
-# round, and projecting every block with the same matrix.
-
-# %%
-def my_implicit_expansion(table, virtual, scores, shuffle, proj):
-    raise NotImplementedError  # your code here
-
-
-check("nb03_implicit_expansion", my_implicit_expansion)
 
 # %% [markdown]
 # ## 2. The cost argument
@@ -214,7 +224,25 @@ interact(show_costs, E=(1, 16), m=(8, 256, 8));
 # the score vector over *physical* rows, so the whole read is an ordinary weighted sum of the rows
 # $\pi(v)\bmod N$. The paper's motivation: per-block projectors need a scatter by block (a
 # "non-computational operation") that slows inference, and the parameters saved are better spent in
-# the FFN (Fig. 3: −0.0026 loss, +0.7 Open-Benchmark at 430M/5B). Three ways to compute it, equal:
+# the FFN (Fig. 3: −0.0026 loss, +0.7 Open-Benchmark at 430M/5B).
+#
+# ### Exercise 2 — the shared projection
+#
+# *Goal: see that one shared projector lets the blocks be summed first.*
+#
+# Write `my_shared_projection(table, virtual, scores, shuffle, blocks, w)` returning
+# $W^\top\sum_p V^\top\hat s_p$, `[T, d_out]`, using the identity above (without `weighted_sum` or
+# `expanded_lookup`). The checker names the usual slips, for example averaging the blocks.
+
+# %%
+def my_shared_projection(table, virtual, scores, shuffle, blocks, w):
+    raise NotImplementedError  # your code here
+
+
+check("nb03_shared_projection", my_shared_projection)
+
+# %% [markdown]
+# Three ways to compute it, equal:
 
 # %%
 W_shared = torch.randn(D_v, d) / D_v**0.5  # [D_v, d] one projector
@@ -233,18 +261,20 @@ print("shared projection == sum the virtual blocks first == plain weighted sum o
 # this is `key_expand` (the official `mem_key_expand_time`, papers.md §6.3): a grid of $n^2$ slots
 # over $(n/\text{key\_expand})^2$ rows, i.e. $E=\text{key\_expand}^2$.
 #
-# ### Exercise 2 — the shared projection
+# ### Exercise 3 — physical rows read
 #
-# Write `my_shared_projection(table, virtual, scores, shuffle, blocks, w)` returning
-# $W^\top\sum_p V^\top\hat s_p$, `[T, d_out]`. The checker rejects averaging the blocks instead of
-# summing them, forgetting the shuffle, and keeping only one block.
+# *Goal: with expansion as addressing, several grid slots of one token can land on one physical row.*
+#
+# Write `my_distinct_rows(virtual, shuffle, n_rows)`: `virtual [T, m]` holds each token's $m$ distinct
+# grid slots; return `[T]` int64, the number of **different** physical rows they read. (Rows read
+# twice are read once, and their weights add.)
 
 # %%
-def my_shared_projection(table, virtual, scores, shuffle, blocks, w):
+def my_distinct_rows(virtual, shuffle, n_rows):
     raise NotImplementedError  # your code here
 
 
-check("nb03_shared_projection", my_shared_projection)
+check("nb03_distinct_rows", my_distinct_rows)
 
 # %% [markdown]
 # ### The UltraMemV2 layer end to end
@@ -302,6 +332,25 @@ plt.show()
 #
 # For the README model of the official code ($d=768$, $r=2$, $D_k=192$, $n=1138$, $m=32$, $D_p=D_v=192$)
 # papers.md §7.9 gives ≈1.78M MACs per token and layer, against 5.75M for its shrunk SwiGLU FFN.
+#
+# ### Exercise 4 — MACs per token, any prefilter width
+#
+# *Goal: count an UltraMemV2 layer's compute per token term by term.*
+#
+# The formula above assumes the official prefilter width $k = m$. Write
+# `my_v2_macs(d, n_keys, d_key, rank, cores, topm, d_pre, d_value, k)` returning the integer count for
+# **any** number $k$ of candidates per axis (notebook 02: the $k\times k$ candidates are rescored with
+# every core). Use no function of `umv2_ref.costs`.
+
+# %%
+def my_v2_macs(d, n_keys, d_key, rank, cores, topm, d_pre, d_value, k):
+    raise NotImplementedError  # your code here
+
+
+check("nb03_v2_macs", my_v2_macs)
+
+# %% [markdown]
+# The count for the README model ($k = m$), against the package:
 
 # %%
 d_, r_, Dk_, n_, c_, m_, Dp_, Dv_ = 768, 2, 192, 1138, 2, 32, 192, 192
@@ -330,19 +379,6 @@ assert abs(789**2 * 288 / (558**2 * 576) - 1) < 0.01
 # %%
 assert costs.module_cost(v2).params == costs.count_params(v2)
 print(f"small layer: {costs.count_params(v2):,} parameters, {costs.module_cost(v2).macs:,} MACs per token")
-
-# %% [markdown]
-# ### Exercise 3 — MACs per token
-#
-# Write `my_v2_macs(d, n_keys, d_key, rank, cores, topm, d_pre, d_value)` returning the integer count
-# above. The checker rejects a single shared query, forgetting the rescoring, and forgetting $W_{pre}$.
-
-# %%
-def my_v2_macs(d, n_keys, d_key, rank, cores, topm, d_pre, d_value):
-    raise NotImplementedError  # your code here
-
-
-check("nb03_v2_macs", my_v2_macs)
 
 # %% [markdown]
 # ## Summary

@@ -56,12 +56,14 @@ from umv2_ref.retrieval import tucker_topk
 # %% [markdown]
 # ### Exercise 1 — PEER's output
 #
-# Write PEER's value path: given `x [T, d]`, expert tables `u, v [N, d]`, selected experts
-# `idx [T, k]` and router weights `g [T, k]`, return $\sum_i g_i\,\mathrm{gelu}(u_i^\top x)\,v_i$, shape `[T, d]`.
-# The checker compares with the reference on random inputs and knows the usual slips: forgetting the
-# activation, applying it *after* the router weight, forgetting the router weight.
-# Replace the `raise` and re-run the cell (solution: `notebooks/solutions/nb04_peer_expert.py`, and
-# the next cell).
+# *Goal: write PEER's value path — each selected slot is a one-neuron MLP $\mathrm{gelu}(u_i^\top x)\,v_i$,
+# weighted by the router.*
+#
+# Given `x [T, d]`, expert tables `u, v [N, d]`, selected experts `idx [T, k]` and router weights
+# `g [T, k]`, return $\sum_i g_i\,\mathrm{gelu}(u_i^\top x)\,v_i$, shape `[T, d]`, without
+# `values.peer_values`. The checker compares with the reference on random inputs and names the usual
+# slips (forgetting the activation, applying it *after* the router weight, ...).
+# Solution: `notebooks/solutions/nb04_peer_expert.py`.
 
 # %%
 def peer_expert(x, u, v, idx, g):
@@ -72,8 +74,8 @@ def peer_expert(x, u, v, idx, g):
 check("nb04_peer_expert", peer_expert)
 
 # %% [markdown]
-# Here is the value path written out (compare it with yours), on made-up retrieval results: random
-# indices and softmax weights stand in for the product-key search of notebook 01.
+# Made-up retrieval results for the demonstrations below: random indices and softmax weights stand in
+# for the product-key search of notebook 01.
 
 # %%
 T, d, N, k = 6, 8, 64, 4
@@ -82,12 +84,8 @@ U = torch.randn(N, d) / d**0.5  # [N, d] down vectors u_i
 V = torch.randn(N, d) / d**0.5  # [N, d] up vectors v_i
 idx = torch.randint(0, N, (T, k))  # [T, k] "retrieved" experts
 g = torch.randn(T, k).softmax(-1)  # [T, k] router weights
-
-hidden = F.gelu(torch.einsum("tkd,td->tk", U[idx], x))  # [T, k] one neuron per selected expert
-f = torch.einsum("tk,tkd->td", g * hidden, V[idx])  # [T, d]
-
-assert_close(f, values.peer_values(x, U, V, idx, g, activation="gelu"))
-print("inline PEER value path == umv2_ref.values.peer_values:", tuple(f.shape))
+f = values.peer_values(x, U, V, idx, g, activation="gelu")  # [T, d] PEER's value path
+print("PEER output:", tuple(f.shape))
 
 # %% [markdown]
 # **PEER is a dynamically assembled MLP.**  PEER's paper describes the multi-head layer as
@@ -119,6 +117,24 @@ with torch.no_grad():
     f_peer = torch.einsum("tk,tkd->td", w_peer * F.gelu(a_peer), peer.values[idx_peer])  # [T, d]
     assert_close(f_peer, peer(xp).output)
 print("inline PEER == umv2_ref.PEER;", "slots per token:", idx_peer.shape[-1])
+
+# %% [markdown]
+# ### Exercise 2 — several heads, one softmax each
+#
+# *Goal: route PEER with $H$ heads — a softmax per head over its own $k$ scores, all heads summed.*
+#
+# `peer.retrieval` hands back weights that are already normalised. Start one step earlier: given
+# `x [T, d]`, `u, v [N, d]`, each head's selected experts `idx [T, H, k]` and their **raw** retrieval
+# scores `scores [T, H, k]`, return PEER's output `[T, d]` (the formula at the top of this section,
+# with $g^h$ the router's softmax).
+
+# %%
+def peer_multihead(x, u, v, idx, scores):
+    # x [T, d]; u, v [N, d]; idx, scores [T, H, k]  ->  [T, d]
+    raise NotImplementedError
+
+
+check("nb04_peer_multihead", peer_multihead)
 
 # %% [markdown]
 # ## 2. UltraMemV2: FFN values without an activation (Eqs. 13–15)
@@ -240,13 +256,16 @@ with torch.no_grad():
 assert_close(multi, single)
 
 # %% [markdown]
-# ### Exercise 2 — multi-core FFN values, without a loop
+# ### Exercise 3 — multi-core FFN values, without a loop
 #
-# Implement the pooled vector $z$ of Eq. 15 with per-core channel slices, vectorised (hint:
-# `unflatten` the value rows to `[T, m, c, D_v/c]`).  Arguments: `x_pre [T, D_p]`,
+# *Goal: pool UltraMemV2's values with per-core channel slices for any number of cores, in vectorised
+# tensor code.*
+#
+# Implement the pooled vector $z$ of Eq. 15 with per-core channel slices **without a Python loop over
+# the cores** (hint: `unflatten` the value rows to `[T, m, c, D_v/c]`).  Arguments: `x_pre [T, D_p]`,
 # `pre_table [N, D_p]`, `table [N, D_v]`, `indices [T, m]`, `scores [T, m, c]`; return `z [T, D_v]`.
-# The checker rejects summing the cores before pooling, interleaved slices (channel $j$ to core
-# $j \bmod c$) and keeping PEER's GELU.
+# The checker runs c = 2, 3, 4 and 8 and counts the tensor operations your function performs: a loop
+# over the cores shows up as more operations for more cores. It also refuses `values.peer_values`.
 
 # %%
 def multicore_values(x_pre, pre_table, table, indices, scores):
@@ -329,10 +348,13 @@ assert 0.3 < frac_negative < 0.7 and bool((scores.sum(-1) > 0).all())
 # $z$?  Slot $i$ contributes the vector $[\,a_i \hat s^{(1)}_i V[i,\text{slice}_1]; \dots; a_i \hat s^{(c)}_i V[i,\text{slice}_c]\,]$;
 # its norm is the contribution norm.
 #
-# ### Exercise 3 — contribution norms
+# ### Exercise 4 — contribution norms
+#
+# *Goal: measure how much each selected slot adds to the pooled vector — score, pre-score and value
+# together.*
 #
 # Return the norm of every selected slot's contribution, `[T, m]`, with the same arguments as
-# Exercise 2.  (Sanity check for yourself: their vector sum over `m` is $z$.)
+# Exercise 3.  (Sanity check for yourself: their vector sum over `m` is $z$.)
 
 # %%
 def contribution_norms(x_pre, pre_table, table, indices, scores):
@@ -358,7 +380,6 @@ with torch.no_grad():
     norms = slot_contributions(x_pre, mem.pre_values, mem.values, rows, scores)  # [32, m]
     parts = (weights[..., None] * mem.values[rows].unflatten(-1, (cfg.cores, -1))).flatten(-2)  # [32, m, D_v]
     assert_close(parts.sum(1), values.peer_values(x_pre, mem.pre_values, mem.values, rows, scores))
-check("nb04_contribution_norms", slot_contributions)
 token = 0
 fig = viz.contribution_norms(norms[token], labels=[str(r) for r in rows[token].tolist()],
                              title=f"token {token}: contribution of each selected slot (retrieval order)")

@@ -166,15 +166,19 @@ fig = viz.variance_steps(["E[g^2]", "inner", "FFN output"], paper_steps, measure
 # weights), so $\mathbb E[a^2 s^2] = \mathbb E[a^2]\,\mathbb E[s^2] = \mathbb E[a^2](1 + \sigma_s^2)$.
 
 # %% [markdown]
-# ### Exercise 1 — Eq. 22
+# ### Exercise 1 — Eq. 22, factor by factor
 #
-# Write $\sigma^2_{mem}$ (one head).  All arguments are float64 tensors of shape `[B]`, one
-# configuration per entry; return `[B]`.  The checker rejects $\sigma_V^2$ in place of $\sigma_V^4$,
-# a forgotten $(1+\sigma_s^2)$ and a forgotten projection (0.4 instead of 0.16).
+# *Goal: rebuild Eq. 22 from the five steps — which std enters where, and what the score contributes.*
+#
+# Eq. 22 ties two numbers that the derivation keeps apart. Write the memory branch's output variance
+# (one head) for pre-values $\sim\mathcal N(0, \sigma_P^2)$ and values $\sim\mathcal N(0, \sigma_V^2)$
+# with **different** stds, and for retrieval scores with any second moment $\mathbb E[s^2]$ = `score_m2`
+# (for one calibrated core that is $1 + \sigma_s^2$; section 6 needs other values).  All arguments are
+# float64 tensors of shape `[B]`, one configuration per entry; return `[B]`.  No `umv2_ref.init` helper.
 # Solution: `notebooks/solutions/nb05_memory_variance.py`.
 
 # %%
-def memory_variance(sigma_v, sigma_s2, d_model, topm, d_pre, d_value):
+def memory_variance(sigma_p, sigma_v, score_m2, d_model, topm, d_pre, d_value):
     # all [B] float64 -> [B]
     raise NotImplementedError
 
@@ -268,15 +272,19 @@ fig = viz.prediction_vs_measurement(gains, mu0 * (gains / g0) ** 4, means, "norm
                                     marker=g0, marker_label="code default D_k^-0.4")
 
 # %% [markdown]
-# ### Exercise 2 — one calibration step
+# ### Exercise 2 — calibrating one side
 #
-# Given gains `gain [B]` and the mean top-m scores `mean_score [B]` they produce, return the gains
-# that produce mean 1.  The checker rejects $\mu^{-1/2}$ (scaling of a *row* score), $1/\mu$ and the
-# wrong direction.  Solution: `notebooks/solutions/nb05_gain_rescale.py`.
+# *Goal: use how grid scores scale with the norm gains to calibrate when only the query side can move.*
+#
+# Suppose the keys' norm gain is fixed (say, shared with another layer) and only the **query** gain
+# $g_q$ can change.  Given query gains `query_gain [B]`, the mean top-m scores `mean_score [B]` they
+# produce and a target mean `target [B]`, return the query gains that produce the target mean.
+# Work out first how a grid score scales with $g_q$ alone.
+# Solution: `notebooks/solutions/nb05_gain_rescale.py`.
 
 # %%
-def gain_rescale(gain, mean_score):
-    # gain, mean_score [B] float64 -> [B]
+def gain_rescale(query_gain, mean_score, target):
+    # query_gain, mean_score, target [B] float64 -> [B]
     raise NotImplementedError
 
 
@@ -315,14 +323,18 @@ print(f"sigma_s^2 moves Eq. 26's sigma_V by a factor (1 + sigma_s^2)^(-1/4) = {(
 # $\approx 5\cdot 10^4$ times too quiet.
 
 # %% [markdown]
-# ### Exercise 3 — Eq. 26
+# ### Exercise 3 — solving for $\sigma_V$
 #
-# Return $\sigma_V$ for a batch of configurations (float64 tensors `[B]`, one head).  The checker
-# rejects the exponent 1/2, a forgotten depth $L$, and plugging in 0.064/2 without dividing by Eq. 22's 0.16.
+# *Goal: solve the variance balance for $\sigma_V$ yourself — why the exponent is 1/4 — for any target.*
+#
+# Eq. 26 matches the memory to Eq. 25's FFN.  Write $\sigma_V$ (pre-values and values share it, one
+# head) that makes the memory branch's output variance equal **any** target `ffn_var` — for example the
+# real SiLU FFN's — for scores with second moment `score_m2`.  Arguments are float64 tensors `[B]`:
+# `ffn_var, d_model, topm, d_pre, d_value, score_m2`; return `[B]`.  No `umv2_ref.init` helper.
 # Solution: `notebooks/solutions/nb05_value_std.py`.
 
 # %%
-def value_std(d_model, n_layers, k_inner, topm, d_pre, d_value, sigma_s2):
+def value_std(ffn_var, d_model, topm, d_pre, d_value, score_m2):
     # all [B] float64 -> [B]
     raise NotImplementedError
 

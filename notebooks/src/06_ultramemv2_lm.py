@@ -85,6 +85,9 @@ print(f"{cfg.n_layers} blocks, each: attention + SwiGLU(d_ff={cfg.d_ff}) + Ultra
 # %% [markdown]
 # ### Exercise 1 — the block from raw tensors
 #
+# *Goal: assemble an UltraMemV2 block from raw tensors — memory in parallel with the FFN, both reading
+# RMSNorm(h).*
+#
 # Write the block output with plain tensor operations. The retrieval is already done: `rows[b, t]`
 # holds the $m$ value rows token $(b, t)$ reads and `scores[b, t]` their scores $s_i$. Use
 # $\mathrm{RMSNorm}(h) = h / \sqrt{\mathrm{mean}(h^2) + 10^{-6}}\cdot g$, a SwiGLU FFN
@@ -207,8 +210,14 @@ interact(show_usage, layer=(0, cfg.n_layers - 1), sort=True);
 #
 # ### Exercise 2 — both learning rates at once
 #
+# *Goal: vectorise the two schedules — warmup + cosine for all weights, a decaying multiplier for the
+# values.*
+#
 # Given integer `steps` (a tensor), `total`, `warmup`, `base_lr` and $\tau$ = `start`, return the
-# tensors `(lr, value_lr)`. Warmup is $\eta\,(t+1)/\text{warmup}$ for $t < \text{warmup}$.
+# tensors `(lr, value_lr)` (float64; float32 is accepted), with tensor operations rather than
+# `cosine_lr` / `value_lr_multiplier`. Warmup is $\eta\,(t+1)/\text{warmup}$ for $t < \text{warmup}$;
+# after it the cosine runs over the remaining steps, $\eta\,\big(0.1 + 0.9\cdot\tfrac12(1+\cos\pi p)\big)$
+# with progress $p = \min\big(1, (t-\text{warmup})/(\text{total}-\text{warmup})\big)$.
 
 # %%
 def my_lr_schedule(steps, total, warmup, base_lr, start):

@@ -169,22 +169,49 @@ assert_close(bag(table, idx, w), values.weighted_sum(table, idx, w))
 print("teaching bag kernel == umv2_ref.values.weighted_sum")
 
 # %% [markdown]
-# ### Exercise 1 — your own gather kernel
+# ### Exercise 1 — what the masks switch off
 #
-# Write `my_bag(table, idx, w)` that **launches a Triton kernel you write** and returns
-# $z_t = \sum_k w_{tk}\, V[i_{tk}]$ as a `[T, D]` CPU tensor.  Start from a blank kernel rather
-# than copying `bag_kernel`: choose your own block size, remember both masks, accumulate in fp32.
-# The checker uses odd T (always a partial last block), small N (duplicate rows within a token) and
-# knows the classic bugs: the unmasked tail block, a slot loop that stops early, forgotten weights.
-# Solution: `notebooks/solutions/nb07_gather_kernel.py`.
+# *Goal: count what a block layout launches — cdiv programs, and the lanes the two masks must switch off.*
+#
+# Write `masked_lanes(T, D, block_t, block_d)` for the layout above (one program per `block_t` tokens,
+# a tile of `block_t × block_d` lanes per program, `block_d` the next power of two $\ge D$).  Return
+# `(programs, idle_lanes)`: how many programs the grid launches, and how many (token, channel) lanes of
+# all their tiles lie outside the `[T, D]` data — exactly the lanes a mask must switch off.  For the
+# cell above (T = 9, D = 12, `block_t` = 4) that is 3 programs and 84 idle lanes.
 
 # %%
-def my_bag(table, idx, w):
-    # table [N, D]; idx, w [T, k] -> z [T, D]
+def masked_lanes(T, D, block_t, block_d):
     raise NotImplementedError
 
 
-check("nb07_gather_kernel", my_bag)
+check("nb07_masked_lanes", masked_lanes)
+
+# %% [markdown]
+# ### Exercise 2 — your own gather kernel: the weight gradient
+#
+# *Goal: write a Triton kernel that gathers rows by loaded indices and reduces them, with both masks right.*
+#
+# The bag's gradient with respect to its weights is, per token and slot, a dot product with the
+# upstream gradient $g_t$:
+#
+# $$\frac{\partial L}{\partial w_{tk}} = \langle g_t,\ V[i_{tk}]\rangle = \sum_d g_{td}\,V[i_{tk}, d].$$
+#
+# Write `my_weight_grad(table, idx, g)` that **launches a Triton kernel you write** and returns
+# `dw [T, k]` as a CPU tensor: gather the rows like `bag_kernel` does, multiply by the token's `g`
+# tile and reduce over the channels with `tl.sum(..., axis=1)`; store one value per (token, slot).
+# The checker uses odd T (always a partial last block), small N (duplicate rows) and refuses an answer
+# computed without a Triton kernel.  It runs your launcher in a **separate process**: a load or store
+# without its mask can crash a process outright (the interpreter does not always catch it), and then
+# the check reports `crashed` instead of killing this notebook's kernel.
+# Solution: `notebooks/solutions/nb07_gather_kernel.py`.
+
+# %%
+def my_weight_grad(table, idx, g):
+    # table [N, D]; idx [T, k]; g [T, D] -> dw [T, k]
+    raise NotImplementedError
+
+
+check("nb07_gather_kernel", my_weight_grad)
 
 # %% [markdown]
 # ## 3. The fused UltraMemV2 value path
@@ -310,14 +337,19 @@ viz.slot_usage(counts, title="reads per row: T=2048 tokens x m=8 picks over N=40
 print(f"rows read by more than one pair: {(counts > 1).float().mean():.0%}")
 
 # %% [markdown]
-# ### Exercise 2 — the deterministic table gradient
+# ### Exercise 3 — the deterministic table gradient
+#
+# *Goal: turn "many programs add into the same row" into a fixed-order segment sum — sort, find the
+# segments, sum them.*
 #
 # Write `sorted_table_grad(n_rows, idx, w, g)` returning
 # $dV[i] = \sum_{(t,k):\, idx_{tk} = i} w_{tk}\, g_t$ as `[n_rows, D]`, the way
 # `_scatter_sorted_kernel` does it: stable-sort the flattened indices, build the contributions in
 # sorted order, find each row's segment with `torch.searchsorted`, sum each segment (rows with an
-# empty segment get zeros).  The checker rejects a scatter that overwrites duplicates and one that
-# counts a row once per token.  Solution: `notebooks/solutions/nb07_sorted_table_grad.py`.
+# empty segment get zeros).  The checker watches the tensor operations you use: it requires a stable
+# sort and refuses atomic-style accumulation (`index_add_`, `scatter_add_`, `index_put_(...,
+# accumulate=True)`), which is exactly what this algorithm avoids.
+# Solution: `notebooks/solutions/nb07_sorted_table_grad.py`.
 
 # %%
 def sorted_table_grad(n_rows, idx, w, g):
@@ -402,19 +434,24 @@ else:
 display(Markdown(report))
 
 # %% [markdown]
-# ### Exercise 3 — bytes moved by the fused forward
+# ### Exercise 4 — a roofline bound
 #
-# Write `fused_bytes(T, m, d_pre, d_value, cores, elt)`: the bytes the fused `peer_values` forward
-# must move, with `elt` bytes per float element and int64 indices (the `fused_forward_parts` model
-# of section 1, as one number).  Dividing it by a measured time gives the benchmark's GB/s.
-# Solution: `notebooks/solutions/nb07_bytes_moved.py`.
+# *Goal: bound a kernel's run time from below by its bytes and its FLOPs — the roofline model.*
+#
+# A kernel cannot finish faster than its memory traffic at full bandwidth allows, nor faster than
+# its arithmetic at the peak FLOP rate; since loads and arithmetic overlap, the larger of the two is
+# the lower bound.  Write `roofline_time(T, m, d_pre, d_value, cores, elt, bandwidth, flops_per_s)`
+# returning that bound in seconds for the fused `peer_values` forward: bytes as in
+# `fused_forward_parts` (section 1; you may call it), FLOPs counted as 2 per multiply-add and 1 per
+# lone multiply — count the pre-score dot products, the weights $a_i s_i^{(c)}$ and the pooling.
+# Solution: `notebooks/solutions/nb07_roofline_time.py`.
 
 # %%
-def fused_bytes(T, m, d_pre, d_value, cores, elt):
+def roofline_time(T, m, d_pre, d_value, cores, elt, bandwidth, flops_per_s):
     raise NotImplementedError
 
 
-check("nb07_bytes_moved", fused_bytes)
+check("nb07_roofline_time", roofline_time)
 
 # %% [markdown]
 # ## Summary

@@ -80,10 +80,14 @@ assert scored == [4, 8] and y[0, 4] == 11 and y[0, 8] == 9
 # %% [markdown]
 # ### Exercise 1 — lay out an MQAR example
 #
+# *Goal: lay out multi-query associative recall exactly — context pairs, repeated keys, labels after the
+# shift.*
+#
 # Given `keys`, `values` and `gaps` (each `[B, P]`) and `seq_len`, build `(inputs, targets)`:
 # the context pairs, key $j$ again at $2P + 2\,g_j$, zeros elsewhere, and targets $-100$ except
 # value $j$ at the position of its repeated key. The checker knows three mistakes: forgetting the
-# one-token shift, placing queries at $2P + g_j$, and writing the pairs as `v k`.
+# one-token shift, placing queries at $2P + g_j$, and writing the pairs as `v k`; it also refuses
+# calls of `synthetic.mqar_layout` / `synthetic.mqar`.
 
 # %%
 def my_mqar_layout(keys, values, gaps, seq_len):
@@ -105,6 +109,11 @@ check("nb08_mqar_layout", my_mqar_layout)
 # so two processes under DistributedDataParallel compute exactly the single-process gradient.)
 #
 # ### Exercise 2 — masked loss and accuracy
+#
+# *Goal: average loss and accuracy over the scored positions of the whole batch, as training does.*
+#
+# Given `logits [B, T, V]` and `targets [B, T]` (−100 = not scored), return the mean cross-entropy
+# and the accuracy over the scored positions, as 0-dim tensors.
 
 # %%
 def my_masked_metrics(logits, targets):

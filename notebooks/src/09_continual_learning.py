@@ -195,6 +195,8 @@ plt.show()
 # %% [markdown]
 # ### Exercise 1 — the KL rule of the follow-up
 #
+# *Goal: rank memory rows by their term of KL(batch reads ‖ background reads), the follow-up's slot rule.*
+#
 # Goyal et al. (arXiv 2604.05248) replace TF-IDF by a rule derived from the Kullback–Leibler
 # divergence: rows the batch reads *surprisingly often* relative to the background distribution
 # should be updated. We read it as ranking every row by its term of
@@ -266,6 +268,8 @@ for name, wrap in (("gradient masking only", False), ("step_keeping_rows", True)
 
 # %% [markdown]
 # ### Exercise 2 — a sparse AdamW step
+#
+# *Goal: take an AdamW step on the selected rows only, leaving every other row and its moments untouched.*
 #
 # Write one AdamW step on a table that updates only the rows in `keep`, leaving the other rows'
 # parameters **and** moments untouched. AdamW with $\beta = (0.9, 0.95)$, $\epsilon = 10^{-8}$, decoupled

@@ -99,12 +99,12 @@ class Settings:
     model_overrides: dict = field(default_factory=lambda: dict(
         d_ff=136, mem_n_keys=96, mem_d_key=8, mem_topk=32, mem_d_pre=8, mem_d_value=16))
     value_std: float = 0.02  # UltraMemV2 value / pre-value init (the official code's constant)
-    n_facts: int = 256  # facts per set; A and B use disjoint entity pairs
+    n_facts: int = 512  # facts per set; A and B use disjoint entity pairs (all 32^2 pairs in use)
     entity_tokens: int = 32  # entity alphabet: 2 * n_facts <= entity_tokens ** 2
     seq_len: int = 64
-    pretrain_steps: int = 300
+    pretrain_steps: int = 400
     text_batch: int = 8  # text rows per pretraining step
-    facts_batch: int = 8  # fact-set-A rows per pretraining step
+    facts_batch: int = 16  # fact-set-A rows per pretraining step
     lr: float = 3e-3  # pretraining AdamW, warmup + cosine
     value_lr_mult: float = 10.0  # pretraining: memory tables' learning-rate multiplier
     weight_decay: float = 0.1

@@ -334,13 +334,13 @@ def test_fact_sets_are_disjoint_and_sample_only_their_own_facts():
 
 TINY = X.Settings(model_overrides=SMALL, n_facts=48, entity_tokens=16, seq_len=32, pretrain_steps=6, text_batch=2,
                   facts_batch=2, background_docs=2, finetune_steps=3, finetune_batch=2, t=8, t_sweep=(4,),
-                  eval_every=2, eval_facts=8, eval_text=4, lr_points=1)
+                  eval_every=2, eval_facts=8, eval_text=4)
 
 
 def test_experiment_writes_the_summary_and_resumes(tmp_path, monkeypatch):
     summary = X.run(TINY, out=tmp_path, progress=False)
     data = json.loads((tmp_path / "continual.json").read_text())
-    assert set(data["methods"]) == {m.name for m in X.default_methods(1)}
+    assert set(data["methods"]) == {m.name for m in X.default_methods()}
     for entry in data["methods"].values():
         for key in ("learned", "forgot_facts", "forgot_text"):
             assert {"mean", "min", "max", "std"} <= set(entry[key]) and entry[key]["n"] == 3

@@ -20,9 +20,12 @@ The protocol of Lin et al. (arXiv 2510.15103, Sec. 4), at classroom scale:
 Tuning (``--tune``, seed 0, 100 steps): every method gets the same learning-rate grid, 3 points
 10x apart, and the selected rate is, for every method alike, the one with the highest final B
 accuracy (among rates within 0.02 of it, the one that forgets fewer A facts).  The main experiment
-(seeds 1-3, never used for tuning) runs every method at its selected rate.  Outputs in ``--out``: ``continual.json`` (per method ``learned``, ``forgot_facts``,
-``forgot_text`` as mean/min/max over seeds, the per-seed values, the settings; forgetting at matched
-B accuracy; every run), ``results.md`` and ``forgetting.png``.  Each pretrained model and each
+(seeds 1-3, never used for tuning) runs every method at its selected rate (``SELECTED_LR``).
+
+Outputs in ``--out``: ``continual.json`` (per method ``learned``, ``forgot_facts``, ``forgot_text``
+as mean/min/max/std over seeds, the per-seed values, the curves, the settings; forgetting at matched
+B accuracy; the t sweep; the pretrained models' evaluation with and without their memories),
+``results.md`` and ``forgetting.png``.  Each pretrained model and each
 finetuning run is written to ``--out`` as soon as it finishes, so an interrupted run resumes where
 it stopped (``--out`` again).
 """
@@ -65,28 +68,30 @@ class Method:
     label: str = ""
 
 
-def default_methods(points: int = 1, spacing: float = 10.0) -> tuple[Method, ...]:
-    """The compared methods, each with a grid of ``points`` learning rates ``spacing``x apart.
+# Learning rates: the tuning run (``--tune``: seed 0, 100 steps) tries 3 rates 10x apart around
+# TUNE_CENTERS for every method and keeps, for every method alike, the rate with the highest final B
+# accuracy (among rates within 0.02 of it, the one that forgets fewer A facts): SELECTED_LR.
+TUNE_CENTERS = {"full": 1e-3, "lora": 1e-3, "values": 1e-3, "sparse-tfidf-sgd": 100.0, "sparse-tfidf-adamw": 1e-3,
+                "sparse-kl-sgd": 100.0}
+SELECTED_LR = {"full": 1e-3, "lora": 1e-2, "values": 1e-3, "sparse-tfidf-sgd": 100.0, "sparse-tfidf-adamw": 1e-3,
+               "sparse-kl-sgd": 100.0}
+METHOD_SPECS = (
+    ("full", dict(method="full", optimizer="adamw"), "full finetuning (AdamW)"),
+    ("lora", dict(method="lora", optimizer="adamw"), "LoRA r=4, attention + FFN (AdamW)"),
+    ("values", dict(method="values", optimizer="adamw"), "all memory tables (AdamW)"),
+    ("sparse-tfidf-sgd", dict(method="sparse", optimizer="sgd", rule="tfidf"), "sparse, TF-IDF top-t (SGD)"),
+    ("sparse-tfidf-adamw", dict(method="sparse", optimizer="adamw", rule="tfidf"), "sparse, TF-IDF top-t (AdamW)"),
+    ("sparse-kl-sgd", dict(method="sparse", optimizer="sgd", rule="kl"), "sparse, KL top-t (SGD)"),
+)
 
-    The grid centres are the learning rates selected by the tuning run (``--tune``: every method
-    alike gets 3 points 10x apart around them on the tuning seed 0, 100 steps; selection rule in
-    :func:`summarise`), so the main experiment runs each method at its selected rate.
-    """
+
+def default_methods(tune: bool = False) -> tuple[Method, ...]:
+    """The compared methods at their selected learning rate, or (``tune``) with the tuning grid."""
     def grid(center: float) -> tuple[float, ...]:
-        half = (points - 1) / 2
-        return tuple(float(f"{center * spacing ** (i - half):.3g}") for i in range(points))
+        return tuple(float(f"{center * 10.0 ** i:.3g}") for i in (-1, 0, 1))
 
-    return (
-        Method("full", dict(method="full", optimizer="adamw"), grid(1e-3), "full finetuning (AdamW)"),
-        Method("lora", dict(method="lora", optimizer="adamw"), grid(1e-3), "LoRA r=4, attention + FFN (AdamW)"),
-        Method("values", dict(method="values", optimizer="adamw"), grid(1e-3), "all memory tables (AdamW)"),
-        Method("sparse-tfidf-sgd", dict(method="sparse", optimizer="sgd", rule="tfidf"), grid(100.0),
-               "sparse, TF-IDF top-t (SGD)"),
-        Method("sparse-tfidf-adamw", dict(method="sparse", optimizer="adamw", rule="tfidf"), grid(1e-3),
-               "sparse, TF-IDF top-t (AdamW)"),
-        Method("sparse-kl-sgd", dict(method="sparse", optimizer="sgd", rule="kl"), grid(100.0),
-               "sparse, KL top-t (SGD)"),
-    )
+    return tuple(Method(name, config, grid(TUNE_CENTERS[name]) if tune else (SELECTED_LR[name],), label)
+                 for name, config, label in METHOD_SPECS)
 
 
 @dataclass
@@ -117,8 +122,7 @@ class Settings:
     eval_facts: int = 64  # fixed evaluation sequences per fact set (8 facts each)
     eval_text: int = 32  # fixed validation windows of the text
     seeds: tuple[int, ...] = (1, 2, 3)  # seed 0 is the tuning seed
-    lr_points: int = 1  # learning rates per method (the tuned one); --tune uses 3
-    lr_spacing: float = 10.0
+    tune: bool = False  # True: every method's tuning grid instead of its selected learning rate
     matched_targets: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
 
     def __post_init__(self) -> None:
@@ -130,7 +134,7 @@ class Settings:
 
 SMOKE = Settings(pretrain_steps=40, background_docs=8, finetune_steps=12, eval_every=6, eval_facts=32,
                  eval_text=16, t_sweep=(16,), text_batch=8, facts_batch=8, finetune_batch=8)
-TUNE = Settings(seeds=(0,), lr_points=3, finetune_steps=100, t_sweep=())
+TUNE = Settings(seeds=(0,), tune=True, finetune_steps=100, t_sweep=())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +520,7 @@ def forgetting_figure(summary: dict):
 def run(s: Settings, methods: tuple[Method, ...] | None = None, out: str | Path | None = None,
         progress: bool = True, report_only: bool = False) -> dict:
     """The whole experiment; returns the summary (also written to ``out/continual.json`` when ``out``)."""
-    methods = methods or default_methods(s.lr_points, s.lr_spacing)
+    methods = methods or default_methods(s.tune)
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

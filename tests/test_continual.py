@@ -345,7 +345,7 @@ def test_experiment_writes_the_summary_and_resumes(tmp_path, monkeypatch):
         for key in ("learned", "forgot_facts", "forgot_text"):
             assert {"mean", "min", "max", "std"} <= set(entry[key]) and entry[key]["n"] == 3
             assert entry[key]["min"] <= entry[key]["mean"] <= entry[key]["max"]
-        assert set(entry["seeds"]) == {"0", "1", "2"} and "lr" in entry["settings"]
+        assert set(entry["seeds"]) == {"1", "2", "3"} and "lr" in entry["settings"]
         for c in entry["curves"].values():
             assert c["forgot_facts"][0] == 0 and c["forgot_text"][0] == 0 and c["step"] == [0, 2, 3]
     assert set(data["t_sweep"]) == {"4"}
@@ -369,3 +369,25 @@ def test_at_learning_interpolates_the_first_crossing():
     p = X.at_learning(c, 0.6)
     assert p == pytest.approx({"step": 15.0, "forgot_facts": 0.2, "forgot_text": 1.5})
     assert X.at_learning(c, 0.9) is None and X.at_learning(c, 0.0)["step"] == 0
+
+
+def test_tuning_extends_a_grid_whose_largest_rate_wins():
+    method = X.Method("m", {}, (0.1, 1.0))
+    learned = {0.1: 0.2, 1.0: 0.5, 10.0: 0.9, 100.0: 0.8}  # 10 wins once added; 100 loses: stop there
+
+    def record(lr):
+        return {"history": [{"step": 0, "acc_a": 1.0, "acc_b": 0.0, "text_loss": 1.0},
+                            {"step": 5, "acc_a": 0.9, "acc_b": learned[lr], "text_loss": 1.2}],
+                "rows_touched": [], "cpu_seconds": 0.0, "config": {"lr": lr}}
+
+    runs = {1: {f"m_lr{lr:g}": record(lr) for lr in (0.1, 1.0)} | {"_pretrain": {}}}
+    fetched = []
+
+    def fetch(m):
+        fetched.append(m.lrs[0])
+        runs[1][f"m_lr{m.lrs[0]:g}"] = record(m.lrs[0])
+
+    s = X.Settings(seeds=(1,), matched_targets=())
+    out = X.extend_grids(s, (method,), runs, fetch)
+    assert fetched == [10.0, 100.0] and out[0].lrs == (0.1, 1.0, 10.0, 100.0)
+    assert X.summarise(s, out, runs)["methods"]["m"]["settings"]["lr"] == 10.0

@@ -14,11 +14,12 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 from umv2_ref import backend as _backend  # noqa: E402
 
+from . import config  # noqa: E402
 from .config import CONFIG, KernelConfig, table_grad  # noqa: E402
 from .lookup import peer_values, weighted_sum  # noqa: E402
 from .topk import tucker_topk  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = config.INTERPRETED
 
 _backend.register_backend(
     "triton", {"weighted_sum": weighted_sum, "peer_values": peer_values, "tucker_topk": tucker_topk}

@@ -1,15 +1,23 @@
 """Run-time knobs of the kernels and the allocator every kernel output goes through.
 
 * ``CONFIG.table_grad`` picks the algorithm for the table gradients (d table, d pre_table):
-  ``"atomic"`` (fp32 ``tl.atomic_add``, fast, run-to-run order varies on a GPU), ``"sorted"``
-  (stable sort of the rows + one program per block of rows, bitwise reproducible) or ``"auto"``
-  (``"sorted"`` when ``torch.are_deterministic_algorithms_enabled()``, else ``"atomic"``).
+  ``"sorted"`` (one stable sort of the indices shared by both tables, then one program per block
+  of rows writes each row once in the table dtype; bitwise reproducible), ``"atomic"`` (relaxed
+  fp32 ``tl.atomic_add`` into zero-filled fp32 accumulators, then a cast; run-to-run order of
+  colliding adds varies on a GPU) or ``"auto"`` (= ``"sorted"``: it moves fewer bytes -- each
+  gradient row is written once, with no fp32 zero-fill and no cast pass -- and is deterministic;
+  by the byte model in ``kernels/README.md``, an estimate until a GPU measures both).
+* ``CONFIG.hot_rows``: rows read by more than this many (token, slot) pairs are summed by a
+  separate one-program-per-row kernel so that a popular row does not stall a block of rows.
+* Block sizes, warps and pipeline depths are ``triton.autotune`` configs in ``kernels/lookup.py``
+  (one fixed config in the interpreter).
 * ``empty`` allocates every buffer a kernel writes with ``tl.store``.  It is ``torch.empty``:
   the kernels never rely on zero-initialised memory.  The tests replace it with a NaN-filling
-  allocator to prove that (the atomic path alone zero-fills its accumulator on purpose).
+  allocator to prove that (the atomic path alone zero-fills its accumulators on purpose).
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -17,13 +25,13 @@ from typing import Iterator
 import torch
 
 TABLE_GRADS = ("auto", "atomic", "sorted")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels/__init__.py decides it before this import
 
 
 @dataclass
 class KernelConfig:
     table_grad: str = "auto"  # see module docstring
-    block_t: int = 16  # tokens per program in the lookup kernels
-    block_rows: int = 16  # table rows per program in the sorted segment reduction
+    hot_rows: int = 32  # a row read more often than this goes to the hot-row kernel (sorted path)
 
 
 CONFIG = KernelConfig()
@@ -33,9 +41,7 @@ def resolve_table_grad() -> str:
     algo = CONFIG.table_grad
     if algo not in TABLE_GRADS:
         raise ValueError(f"kernels.CONFIG.table_grad must be one of {TABLE_GRADS}, got {algo!r}")
-    if algo == "auto":
-        return "sorted" if torch.are_deterministic_algorithms_enabled() else "atomic"
-    return algo
+    return "sorted" if algo == "auto" else algo
 
 
 @contextmanager

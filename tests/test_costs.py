@@ -1,4 +1,4 @@
-"""Cost formulas: parameter counts equal the real modules; papers.md Sec. 7.8-7.9 worked numbers."""
+"""Cost formulas: parameter counts equal the real modules; docs/references.md Sec. 7.8-7.9 worked numbers."""
 import pytest
 import torch
 
@@ -66,7 +66,7 @@ def test_formula_param_count_equals_the_real_module(layer):
 
 @pytest.mark.parametrize("kind,extra", [(k, {}) for k in MODEL_KINDS] + [("ultramemv2", {"share_ratio": 0.5})])
 def test_model_costs_count_every_parameter_once(kind, extra):
-    model = TinyLM(ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=2, ffn=kind, mem_n_keys=8,
+    model = TinyLM(ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=2, ffn=kind, mem_knum=8,
                                mem_topk=4, mem_d_key=16, mem_d_value=16, **extra))
     costs = model_costs(model)
     assert costs.params == count_params(model)

@@ -24,7 +24,7 @@ VOCAB = 48
 
 
 def tiny(ffn: str, **kw) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, ffn=ffn, mem_n_keys=8,
+    base = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, ffn=ffn, mem_knum=8,
                 mem_topk=4, mem_d_key=16, mem_d_value=16, n_experts=8, moe_topk=2)
     return ModelConfig(**{**base, **kw})
 
@@ -216,6 +216,10 @@ def test_memory_config_maps_the_mem_fields_and_validates_them_early():
     assert (pk.n_keys, pk.heads, pk.topk, pk.d_key, pk.d_value, pk.query_norm) == (8, 3, 4, 16, 32, "layer")
     v2 = memory_config(tiny("ultramemv2", mem_key_expand=2, mem_d_pre=8))
     assert (v2.n_keys, v2.window, v2.topm, v2.d_pre, v2.d_value) == (16, 64, 4, 8, 16)  # grid = 2 x window keys
+    v1 = memory_config(tiny("ultramem", mem_expand=9))  # mem_knum = 8: 64 physical rows, grid 3 * 8 keys per axis
+    assert (v1.n_keys, v1.n_rows, v1.expand, v1.heads) == (24, 64, 9, 2)
+    with pytest.raises(ValueError, match="mem_expand must be a perfect square for ultramem"):
+        tiny("ultramem", mem_expand=2)
     shared = TinyLM(tiny("ultramemv2", share_ratio=0.5, mem_key_expand=2))  # A = 4 * 8^2, n_l = isqrt(128) = 11
     assert shared.value_pool.values.shape[0] == 256
     assert [(m.cfg.n_keys, m.cfg.window, m.offset) for m in shared.memory] == [(22, 121, 64 * i) for i in range(4)]

@@ -38,7 +38,7 @@ def measured_variance(layer: UltraMemV2) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Closed forms against papers.md Sec. 7
+# Closed forms against docs/references.md Sec. 7
 # ---------------------------------------------------------------------------------------------
 
 
@@ -50,13 +50,13 @@ def test_small_init_constants():
 
 def test_silu_second_moment_is_0123_not_04():
     exact = silu_second_moment(0.4)
-    assert exact == pytest.approx(0.123, abs=5e-4)  # papers.md Sec. 7.2
+    assert exact == pytest.approx(0.123, abs=5e-4)  # docs/references.md Sec. 7.2
     z = torch.randn(2_000_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * math.sqrt(0.4)
     assert F.silu(z).pow(2).mean().item() == pytest.approx(exact, rel=5e-3)  # std error ~0.3%
 
 
 def test_ffn_variance_paper_and_exact():
-    assert ffn_output_variance(3.25, 20) == pytest.approx(0.0052, rel=1e-9)  # Eq. 25, papers.md Sec. 7.2
+    assert ffn_output_variance(3.25, 20) == pytest.approx(0.0052, rel=1e-9)  # Eq. 25, docs/references.md Sec. 7.2
     ratio = swiglu_output_variance_exact(3.25, 20) / ffn_output_variance(3.25, 20)
     assert ratio == pytest.approx(0.307, abs=1e-3)  # E[SiLU^2] / 0.4
     assert swiglu_output_variance_exact(3.25, 20) == pytest.approx(0.00159, abs=1e-5)
@@ -64,7 +64,7 @@ def test_ffn_variance_paper_and_exact():
 
 def test_eq26_value_std_numbers_and_consistency_with_eqs_22_25():
     args = dict(d_model=768, n_layers=20, topm=32, d_pre=192, d_value=192, sigma_s2=0.01)
-    assert value_std(k_inner=3.25, **args) == pytest.approx(0.0677, abs=1e-4)  # papers.md Sec. 7.3
+    assert value_std(k_inner=3.25, **args) == pytest.approx(0.0677, abs=1e-4)  # docs/references.md Sec. 7.3
     assert value_std(k_inner=6.5, **args) == pytest.approx(0.0805, abs=1e-4)
     sigma_v = value_std(k_inner=3.25, **args)
     mem = memory_output_variance(sigma_v, 0.01, 768, 32, 192, 192)

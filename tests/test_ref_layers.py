@@ -1,4 +1,4 @@
-"""Layers: one regression test per pitfall of anchors.md Sec. 7, value sharing, and runnable configs."""
+"""Layers: one regression test per pitfall of docs/references.md §8, value sharing, and runnable configs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,7 +245,7 @@ def test_shared_query_feeds_every_rank():
 
 
 # ---------------------------------------------------------------------------------------------
-# Value sharing across layers (official share_ratio ring, anchors.md Sec. 4)
+# Value sharing across layers (official share_ratio ring, docs/references.md §6.8)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -395,7 +395,7 @@ def test_memoryplus_layers_share_one_value_table_by_default():
     from umv2_ref.model import ModelConfig, TinyLM
 
     base = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, ffn="memoryplus", memory_layers="1,3",
-                mem_n_keys=6, mem_topk=3, mem_d_key=8, mem_d_value=16)
+                mem_knum=6, mem_topk=3, mem_d_key=8, mem_d_value=16)
     shared, separate = TinyLM(ModelConfig(**base)), TinyLM(ModelConfig(**base, mem_share_values=False))
     assert [k for k in shared.state_dict() if k.endswith("values")] == ["value_pool.values"]
     assert [k for k in separate.state_dict() if k.endswith("values")] == ["memory.0.values", "memory.1.values"]

@@ -1,4 +1,4 @@
-"""Slot-usage statistics (papers.md Secs. 2.3, 7.7) and the usage tracker."""
+"""Slot-usage statistics (docs/references.md Secs. 2.3, 7.7) and the usage tracker."""
 import math
 
 import pytest
@@ -28,7 +28,7 @@ def test_counts_unweighted_and_weighted():
 
 def test_kl_usage_and_dead_slots_on_known_distributions():
     quarter = torch.tensor([3.0, 3.0, 3.0, 3.0] + [0.0] * 12)  # a quarter of the slots, used uniformly
-    assert kl_to_uniform(quarter) == pytest.approx(math.log(4))  # 1.386, papers.md Sec. 7.7
+    assert kl_to_uniform(quarter) == pytest.approx(math.log(4))  # 1.386, docs/references.md Sec. 7.7
     assert usage_fraction(quarter) == 0.25 and dead_slots(quarter) == 12
     assert kl_to_uniform(torch.ones(10)) == pytest.approx(0.0, abs=1e-12)
     one_hot = torch.zeros(8)

@@ -111,7 +111,7 @@ def normed_axis_scores(tokens, n, r, d_key, seed):
 
 @pytest.mark.parametrize("d_key,n,m", [(192, 360, 32), (128, 64, 32)])
 def test_prefilter_recall_at_random_init_is_about_one_half(d_key, n, m):
-    """papers.md Sec. 7.5: recall ~0.5 vs the exact grid; 1.0 on pairs with two positive factors."""
+    """docs/references.md Sec. 7.5: recall ~0.5 vs the exact grid; 1.0 on pairs with two positive factors."""
     s_row, s_col, cores = normed_axis_scores(48, n, 2, d_key, seed=0)
     recall = rank1_recall(s_row, s_col, cores, m)
     recall_pos = rank1_recall(s_row, s_col, cores, m, positive_only=True)

@@ -139,3 +139,126 @@ def test_figures_are_pyplot_managed_so_notebooks_can_close_them():
     assert fig.number in plt.get_fignums()
     plt.close(fig)
     assert fig.number not in plt.get_fignums()
+
+
+# --- figure fixes of issue 10 ----------------------------------------------------------------------
+
+
+def test_prefilter_grid_marks_found_missed_and_extra_slots():
+    grid = torch.arange(16.0).reshape(4, 4)
+    fig = viz.key_score_grid(grid, selected=[15, 14, 11], returned=[15, 11, 3])
+    assert sorted(viz.highlighted_cells(fig, "found")) == [(2, 3), (3, 3)]
+    assert viz.highlighted_cells(fig, "missed") == [(3, 2)]
+    assert viz.highlighted_cells(fig, "extra") == [(0, 3)]
+    assert len(fig.axes[0].get_legend().get_texts()) == 4
+
+
+def test_categorical_grid_has_one_colour_per_category_and_no_colourbar():
+    blocks = np.array([[0, 1], [2, 3]])
+    fig = viz.key_score_grid(blocks, categories=4, category_label="block")
+    assert len(fig.axes) == 1  # no continuous colour bar
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["block 0", "block 1", "block 2", "block 3"]
+    im = fig.axes[0].images[0]
+    colours = {tuple(im.to_rgba(np.array([[v]]))[0, 0]) for v in range(4)}
+    assert len(colours) == 4
+
+
+def test_key_axes_have_integer_ticks():
+    fig = viz.key_score_grid(np.random.rand(10, 10))
+    ax = fig.axes[0]
+    for ticks in (ax.get_xticks(), ax.get_yticks()):
+        assert np.allclose(ticks, np.round(ticks))
+
+
+def test_dead_slots_have_a_colour_no_live_count_takes():
+    counts = np.array([0, 1, 2, 25] + [30] * 12, dtype=float)
+    fig = viz.slot_usage(counts)
+    im = fig.axes[0].images[0]
+    dead = np.array(im.to_rgba(np.array([[0.0]]))[0, 0][:3])
+    np.testing.assert_allclose(dead, matplotlib.colors.to_rgb(viz.DEAD_COLOR))
+    live = im.to_rgba(np.linspace(1, 30, 300)[None])[0, :, :3]
+    assert np.linalg.norm(live - dead, axis=1).min() > 0.5  # every live count is far from the dead colour
+    # integer counts: one histogram bar per integer value
+    assert len(fig.axes[1].patches) == 31
+
+
+def test_long_curves_have_no_markers():
+    steps = np.arange(600)
+    fig = viz.loss_curves({"lr": (steps, np.ones(600))})
+    assert fig.axes[0].lines[0].get_marker() in (None, "None", "")
+    fig = viz.loss_curves({"loss": (steps[:10], np.ones(10))})
+    assert fig.axes[0].lines[0].get_marker() == "o"
+
+
+def test_contribution_norms_names_its_bars_and_activations_separate_groups():
+    fig = viz.contribution_norms([1.0, 2.0], labels=["block 0", "block 1"], xlabel="virtual block p")
+    assert fig.axes[0].get_xlabel() == "virtual block p"
+    idx = torch.arange(80).reshape(8, 10) % 60
+    fig = viz.slot_activations(idx, torch.ones(8, 10), 60, groups=[0, 0, 1, 1, 1, 2, 2, 2])
+    ax = fig.axes[0]
+    assert [line.get_ydata()[0] for line in ax.lines] == [1.5, 4.5]
+    assert len(ax.get_xticklabels()) <= 40
+    with pytest.raises(ValueError, match="groups"):
+        viz.slot_activations(idx, torch.ones(8, 10), 60, groups=[1, 0, 0, 0, 0, 0, 0, 0])
+    fig = viz.slot_activations(torch.tensor([[5, 2], [2, 9]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 10,
+                               order="first_use")
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), [[1.0, 2.0, 0.0], [0.0, 3.0, 4.0]])
+
+
+# --- schematic diagrams ---------------------------------------------------------------------------
+
+SCHEMATICS = {
+    "product_key_diagram": ["[d_q/2]", "I_row: [k]", "I_col: [k]", "[k, k]", "slot ids i·n+j: [k]", "[D_v]"],
+    "tdqkr_diagram": ["[r, D_k]", "[n, r]", "I: [k]", "J: [k]", "[c, r, r]", "[c, k, k]", "[m], [m, c]"],
+    "value_expansion_diagram": ["scores s: [m]", "physical table V: [N, D_v]", "pooled per block: [E, D_v]", "[d]"],
+    "ultramemv2_block_diagram": ["h_l: [T, d]", "x̄: [T, d]", "ids [T, m]; s [T, m, c]", "[T, D_p]", "w: [T, m, c]"],
+    "fused_kernel_diagram": ["[T, m, D_p] (HBM)", "[T, m, D_v] (HBM)", "z: [T, D_v], written once"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMATICS))
+def test_schematic_renders_with_shapes_on_its_arrows(name):
+    fig = getattr(viz, name)()
+    fig.canvas.draw()  # lays out every text (mathtext included) without error
+    labels = viz.schematic_labels(fig)
+    for shape in SCHEMATICS[name]:
+        assert shape in labels, f"{name}: no arrow labelled {shape!r}; got {labels}"
+    edges = [t for t in fig.axes[0].texts if t.get_gid() == "edge"]
+    assert len(edges) >= 5, f"{name}: expected a pipeline of arrows"
+    assert fig.axes[0].get_title()
+
+
+def test_product_key_inset_puts_the_topk_inside_the_candidate_block():
+    n, k = 8, 3
+    fig = viz.product_key_diagram(n=n, k=k)
+    ax = fig.axes[0]
+    cells = [p for p in ax.patches if p.get_gid() == "grid_cell"]
+    chosen = [p for p in ax.patches if p.get_gid() == "grid_selected"]
+    assert len(cells) == n * n and len(chosen) == k
+    block = {p.get_xy() for p in cells if p.get_facecolor()[:3] != matplotlib.colors.to_rgb("#f4f4f4")}
+    assert len(block) == k * k and {p.get_xy() for p in chosen} <= block
+    with pytest.raises(ValueError, match="k"):
+        viz.product_key_diagram(n=4, k=5)
+
+
+def test_value_expansion_diagram_follows_the_shuffle():
+    n, expand, picks = 4, 4, (1, 6, 11)
+    fig = viz.value_expansion_diagram(n=n, expand=expand, picks=picks)
+    ax = fig.axes[0]
+    assert len([p for p in ax.patches if p.get_gid() == "virtual_slot"]) == n * n
+    assert len([p for p in ax.patches if p.get_gid() == "physical_row"]) == n * n // expand
+    assert len([p for p in ax.patches if p.get_gid() == "virtual_selected"]) == len(picks)
+    with pytest.raises(ValueError, match="multiple"):
+        viz.value_expansion_diagram(n=3, expand=4)
+
+
+def test_each_schematic_is_drawn_in_its_notebooks():
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "notebooks" / "src"
+    where = {"01": "product_key_diagram", "02": "tdqkr_diagram", "03": "value_expansion_diagram",
+             "04": "ultramemv2_block_diagram", "06": "ultramemv2_block_diagram", "07": "fused_kernel_diagram"}
+    for number, name in where.items():
+        (path,) = src.glob(f"{number}_*.py")
+        assert f"viz.{name}(" in path.read_text(), f"{path.name} should draw viz.{name}()"

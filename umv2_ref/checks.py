@@ -10,6 +10,18 @@ import torch
 from torch import Tensor
 
 
+def _defer_to_device(x: Tensor) -> bool:
+    """Value checks that would read device memory back to the host are deferred to the device.
+
+    Eager CPU tensors are checked on the host (exact error messages, with the offending values).
+    CUDA (and any other accelerator) tensors, and every tensor while ``torch.compile`` traces, get a
+    ``torch._assert_async``: no host round trip, no graph break.  It raises ``RuntimeError`` with the
+    same sentence (without the values, which would need a sync) on CPU, and a device-side assert
+    on CUDA (reported at the next synchronisation).
+    """
+    return x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
 def require_tensor(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -45,8 +57,12 @@ def require_same(kind: str, **tensors: Tensor) -> None:
 
 
 def require_indices_in_range(name: str, indices: Tensor, size: int, table_name: str) -> None:
-    """Refuse out-of-range indices instead of reading garbage memory."""
+    """Refuse out-of-range indices instead of reading garbage memory (sync-free off the CPU)."""
     if indices.numel() == 0:
+        return
+    if _defer_to_device(indices):
+        ok = ((indices >= 0) & (indices < size)).all()
+        torch._assert_async(ok, f"{name} must lie in [0, {size}) (the rows of {table_name})")
         return
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= size:
@@ -62,7 +78,12 @@ def require_positive_int(name: str, value: object) -> int:
 
 
 def require_finite(name: str, x: Tensor) -> None:
-    """Refuse NaN or infinite entries (a value check: it reads the tensor's data)."""
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    """Refuse NaN or infinite entries (a value check: it reads the tensor's data; sync-free off the CPU)."""
+    if x.numel() == 0:
+        return
+    if _defer_to_device(x):
+        torch._assert_async(torch.isfinite(x).all(), f"{name} must be finite (NaN or infinite entries found)")
+        return
+    if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} must be finite; got {bad} NaN or infinite entries of {x.numel()}")

@@ -13,7 +13,7 @@ model's size, embedding included), and every sparse configuration holds ~1.10M p
   parameters per layer, so the two MoEs cannot both hit both targets exactly: -0.9% / +1.9% active,
   +1.7% / -1.6% total).
 * ``pkm``, ``peer``: the memory replaces the FFN of block 2 (XLM placement); the key and head sizes
-  restore the activated count, ``n_keys`` sets the total.
+  restore the activated count, ``mem_knum`` (keys per axis, knum^2 value rows) sets the total.
 * ``memoryplus``: memories replace the FFNs of blocks 1 and 3 and share one value table (the Memory+
   paper's shared pool, ``mem_share_values``); each has its own query, keys and gating.
 * ``ultramem``: one skip-layer memory (read block 1, add after block 2) with two heads that share a
@@ -21,7 +21,7 @@ model's size, embedding included), and every sparse configuration holds ~1.10M p
   and every FFN shrinks to 120.
 * ``ultramemv2``: a memory in every block in parallel with a SwiGLU shrunk to 108 (1.7d), knum 68,
   ``D_k=16``, ``D_p:D_v = 16:32``, top-m 32.  ``ultramemv2-shared``: the same pool shared with
-  ``share_ratio=0.5`` (every layer reads a window of 96^2 rows of the 4*68^2-row pool, papers.md
+  ``share_ratio=0.5`` (every layer reads a window of 96^2 rows of the 4*68^2-row pool, docs/references.md
   Sec. 6.8); its larger key tables cost a slightly smaller FFN (98).
 
 ``python -m umv2_ref.configs`` prints :func:`comparison_table` for all of them.
@@ -43,15 +43,15 @@ _CONFIGS: dict[str, dict] = {
     "dense": dict(ffn="dense"),  # d_ff = default 176 (8d/3 rounded up to 8)
     "moe-2of16": dict(ffn="moe", n_experts=16, moe_topk=2, d_expert=84),
     "moe-8of64": dict(ffn="moe", n_experts=64, moe_topk=8, d_expert=20),
-    "pkm": dict(ffn="pkm", memory_layers="2", mem_n_keys=118, mem_heads=4, mem_d_key=40, mem_topk=8),
-    "memoryplus": dict(ffn="memoryplus", memory_layers="1,3", mem_n_keys=118, mem_heads=4, mem_d_key=32,
+    "pkm": dict(ffn="pkm", memory_layers="2", mem_knum=118, mem_heads=4, mem_d_key=40, mem_topk=8),
+    "memoryplus": dict(ffn="memoryplus", memory_layers="1,3", mem_knum=118, mem_heads=4, mem_d_key=32,
                        mem_topk=8, mem_d_value=64, mem_share_values=True),
-    "peer": dict(ffn="peer", memory_layers="2", mem_n_keys=84, mem_heads=8, mem_d_key=16, mem_topk=16),
-    "ultramem": dict(ffn="ultramem", d_ff=120, memory_layers="1:2", mem_n_keys=332, mem_heads=2, mem_d_key=12,
+    "peer": dict(ffn="peer", memory_layers="2", mem_knum=84, mem_heads=8, mem_d_key=16, mem_topk=16),
+    "ultramem": dict(ffn="ultramem", d_ff=120, memory_layers="1:2", mem_knum=166, mem_heads=2, mem_d_key=12,
                      mem_topk=8, mem_d_value=32, mem_expand=4, mem_tucker_penalty=0.001),
-    "ultramemv2": dict(ffn="ultramemv2", d_ff=108, mem_n_keys=68, mem_d_key=16, mem_topk=32, mem_d_pre=16,
+    "ultramemv2": dict(ffn="ultramemv2", d_ff=108, mem_knum=68, mem_d_key=16, mem_topk=32, mem_d_pre=16,
                        mem_d_value=32),
-    "ultramemv2-shared": dict(ffn="ultramemv2", d_ff=98, mem_n_keys=68, mem_d_key=16, mem_topk=32, mem_d_pre=16,
+    "ultramemv2-shared": dict(ffn="ultramemv2", d_ff=98, mem_knum=68, mem_d_key=16, mem_topk=32, mem_d_pre=16,
                               mem_d_value=32, share_ratio=0.5),
 }
 CONFIG_NAMES = tuple(_CONFIGS)
@@ -76,7 +76,7 @@ def config_costs(name: str, vocab_size: int = 256) -> ModelCosts:
 
 def comparison_table(names: tuple[str, ...] | list[str] = CONFIG_NAMES, vocab_size: int = 256) -> str:
     """Markdown table: total / activated parameters, MACs per token, bf16 parameter bytes read per
-    token in a decode step of batch 1 and 64 (papers.md Sec. 7.9 conventions, see umv2_ref.costs)."""
+    token in a decode step of batch 1 and 64 (docs/references.md Sec. 7.9 conventions, see umv2_ref.costs)."""
     rows = ["| config | total params | activated / token | MACs / token | bytes / token, B=1 | bytes / token, B=64 |",
             "|---|---:|---:|---:|---:|---:|"]
     for name in names:

@@ -1,6 +1,6 @@
 """Cost accounting per layer type: parameters, activated parameters, MACs and parameter reads.
 
-Closed-form formulas (papers.md Sec. 7.8-7.9) for every feed-forward kind the tiny models use,
+Closed-form formulas (docs/references.md Sec. 7.8-7.9) for every feed-forward kind the tiny models use,
 one function each, plus :func:`module_cost` (reads the sizes off a built module) and
 :func:`model_costs` (a whole :class:`~umv2_ref.model.TinyLM`).  Tests check that every formula's
 parameter count equals ``sum(p.numel())`` of the real module.
@@ -11,10 +11,10 @@ Conventions (per token, per layer):
   (queries, keys, norms, projections, router) plus the sparse units it picks (k experts, or m value
   rows).  Keys count as active: every token scores against all of them.
 * ``macs``: multiply-accumulates; norms, softmax and top-k comparisons are not counted, the
-  product-key candidate grid (``H k^2`` additions) and Tucker rescoring are (as papers.md Sec. 7.9).
+  product-key candidate grid (``H k^2`` additions) and Tucker rescoring are (as docs/references.md Sec. 7.9).
 * Decode reads: one step of ``B`` tokens reads ``step_params`` once (dense weights and the *full*
   key tables, whatever B) plus every *distinct* sparse unit hit, ``N (1 - (1 - e/N)^B)`` units of
-  ``unit_params`` each under uniform routing (papers.md Sec. 7.9): whole experts for MoE, single
+  ``unit_params`` each under uniform routing (docs/references.md Sec. 7.9): whole experts for MoE, single
   value rows for memory layers (``~ B m`` rows while ``B m << N``).
 """
 from __future__ import annotations

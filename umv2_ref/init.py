@@ -1,11 +1,11 @@
-"""Variance-matched initialisation of UltraMemV2 (arXiv 2508.18756, Appendix A; papers.md Sec. 6.5).
+"""Variance-matched initialisation of UltraMemV2 (arXiv 2508.18756, Appendix A; docs/references.md Sec. 6.5).
 
 Public API (names are stable; notebook 05 imports them):
 
 * :func:`small_init_std` -- ``sqrt(2 / (5h))``, the "small init" of every linear (Nguyen & Salazar 2019).
 * :func:`ffn_output_variance` -- Eq. 25, the SwiGLU FFN branch under the paper's truncated-normal gate.
 * :func:`silu_second_moment`, :func:`swiglu_output_variance_exact` -- the same branch with the true SiLU
-  gate (papers.md Sec. 7.2: ``E[SiLU(z)^2] = 0.123`` for ``z ~ N(0, 0.4)``, not 0.4).
+  gate (docs/references.md Sec. 7.2: ``E[SiLU(z)^2] = 0.123`` for ``z ~ N(0, 0.4)``, not 0.4).
 * :func:`memory_output_variance` -- Eq. 22, the memory branch under the paper's assumptions.
 * :func:`predict_memory_variance` (from a config) and :func:`predict_memory_variance_from_dims` -- Eq. 22
   generalised to any projection stds and any score second moment (so it covers the official-code
@@ -18,11 +18,11 @@ Public API (names are stable; notebook 05 imports them):
   an :class:`InitReport` with everything it chose and the predicted output variance.
 
 Finding worth knowing (tested in tests/test_ref_init.py): with multi-core scoring (c = 2, still on in
-the official V2 code, papers.md Sec. 8 item 4) each core's score weights half of every value and
+the official V2 code, docs/references.md Sec. 8 item 4) each core's score weights half of every value and
 carries about half the summed score, so a layer initialised by Eq. 26 starts ~4x *below* the Eq. 22
 prediction; ``corrected=True`` accounts for this and for the true SiLU FFN variance.
 
-Notation (papers.md Sec. 6.5): ``h`` = d_model, ``L`` = layers, ``k`` = top-m, ``n_head`` = heads (1 in
+Notation (docs/references.md Sec. 6.5): ``h`` = d_model, ``L`` = layers, ``k`` = top-m, ``n_head`` = heads (1 in
 UltraMemV2), ``d_prev`` = D_p, ``d_v`` = D_v, ``k_inner`` = FFN inner width / h, ``sigma_V`` = std of
 values and pre-values, ``sigma_s^2`` = variance of the top-m scores after their mean is calibrated to 1.
 """
@@ -49,7 +49,7 @@ SCHEMES = ("paper", "official")
 def small_init_std(h: int) -> float:
     """``sqrt(2 / (5h))``: a linear with fan-in h maps unit-variance inputs to variance ``h * 2/(5h) = 0.4``.
 
-    0.0228218 for h = 768 (the official README ``init_std``), papers.md Sec. 7.1.
+    0.0228218 for h = 768 (the official README ``init_std``), docs/references.md Sec. 7.1.
     """
     if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
         raise ValueError(f"h (d_model) must be a positive int, got {h!r}")
@@ -77,7 +77,7 @@ def silu_second_moment(var: float, nodes: int = 64) -> float:
     """``E[SiLU(z)^2]`` for ``z ~ N(0, var)`` by Gauss-Hermite quadrature (exact to ~1e-12 here).
 
     ``E[f(z)] = sum_i w_i f(sqrt(var) x_i) / sqrt(2 pi)`` with the probabilists' Hermite nodes x_i.
-    For var = 0.4 this is 0.1229 -- the paper's truncated normal assumes 0.4 (papers.md Sec. 7.2).
+    For var = 0.4 this is 0.1229 -- the paper's truncated normal assumes 0.4 (docs/references.md Sec. 7.2).
     """
     if var <= 0:
         raise ValueError(f"var must be positive, got {var}")
@@ -91,7 +91,7 @@ def swiglu_output_variance_exact(k_inner: float, n_layers: int) -> float:
     """Eq. 25 with the true SiLU gate: ``0.4 * E[SiLU(z)^2] * 0.4 k_inner / (2L)``, ``z ~ N(0, 0.4)``.
 
     Same steps as :func:`ffn_output_variance` except step 2: ``E[g^2] = 0.1229`` (not 0.4), so the
-    inner variance is 0.049 and the output variance is 0.307x Eq. 25 (papers.md Sec. 7.2).
+    inner variance is 0.049 and the output variance is 0.307x Eq. 25 (docs/references.md Sec. 7.2).
     """
     return _swiglu_variance(k_inner, n_layers, gate_second_moment=silu_second_moment(0.4))
 
@@ -183,7 +183,7 @@ def value_std(
     Setting Eq. 22 equal to Eq. 25,
     ``0.16 (1 + sigma_s^2) sigma_V^4 d_prev k n_head d_v / h = 0.064 k_inner / (2L)``, gives
     ``sigma_V^4 = 0.2 k_inner h / (k n_head (1 + sigma_s^2) d_prev d_v L)``.  The PDF extraction
-    prints ``sigma_V^2`` on the left; the algebra needs the fourth power (papers.md Sec. 8 item 7).
+    prints ``sigma_V^2`` on the left; the algebra needs the fourth power (docs/references.md Sec. 8 item 7).
     README 227M config (h=768, L=20, k=32, D_p=D_v=192, sigma_s^2=0.01, k_inner=3.25): 0.0677.
     """
     ratio = 0.2 * k_inner * d_model / (topm * heads * (1.0 + sigma_s2) * d_pre * d_value * n_layers)
@@ -254,7 +254,7 @@ def calibrate_norm_gain(cfg: TuckerConfig, n_tokens: int = 4096, seed: int = 0, 
     """Shared query/key norm gain g with mean top-m score 1, and the resulting sigma_s^2 (App. A.2).
 
     Row and column scores are dot products of two normalised vectors each scaled by g, so they scale
-    as g^2 and the bilinear grid score as g^4 (papers.md Sec. 7.4); the selection does not change
+    as g^2 and the bilinear grid score as g^4 (docs/references.md Sec. 7.4); the selection does not change
     under a positive rescale.  Starting from ``cfg.norm_gain``, multiply g by ``mean^(-1/4)`` and
     re-measure on the same draws until ``|mean - 1| < tol``.  The gain multiplies the normalised
     vectors, so the homogeneity is exact and the second measurement normally just confirms the first
@@ -272,7 +272,8 @@ def _calibrate(cfg: TuckerConfig, n_tokens: int, seed: int, cores: torch.Tensor 
     for _ in range(max_iter):
         stats = score_statistics(cfg, gain, n_tokens, seed, cores)
         if stats["mean"] <= 0:
-            raise ValueError(f"mean top-m score is {stats['mean']:.3g} <= 0; cannot calibrate a positive gain")
+            raise ValueError(f"mean top-m score is {stats['mean']:.3g} <= 0 (n_keys={cfg.n_keys}, topm={cfg.topm}); "
+                             "no positive norm gain makes it 1: use more keys or slots")
         if abs(stats["mean"] - 1.0) < tol:
             return gain, stats
         gain *= stats["mean"] ** -0.25
@@ -314,7 +315,7 @@ def init_ultramemv2_(
 ) -> InitReport:
     """Initialise ``layer`` in place (parameter draws use torch's global RNG) and report the choices.
 
-    ``scheme="paper"`` (Appendix A, papers.md Sec. 6.5): query projection, W_pre and W_v all
+    ``scheme="paper"`` (Appendix A, docs/references.md Sec. 6.5): query projection, W_pre and W_v all
     ``N(0, 2/(5h))`` (W_v *not* depth-scaled -- depth enters through L in Eq. 26); keys
     ``N(0, 1/D_k)`` (irrelevant after the norm); cores ``U[0, 1]``; query/key norm gains calibrated on
     these cores so the mean top-m score is 1 (:func:`calibrate_norm_gain`); values and pre-values
@@ -322,7 +323,7 @@ def init_ultramemv2_(
     the layer *as built* matches the *true* SiLU FFN: target :func:`swiglu_output_variance_exact` and
     the per-core score moment (multi-core scoring) in place of ``1 + sigma_s^2``.
 
-    ``scheme="official"`` (released code, anchors.md Sec. 4): query projection and keys std
+    ``scheme="official"`` (released code, docs/references.md §6.5 table): query projection and keys std
     ``1/sqrt(D_k)``, gains ``D_k^-0.4``, cores ``U[0, 1]``, W_pre std ``1/sqrt(h)``, W_v std
     ``1/sqrt(D_v)``, values and pre-values ``N(0, 0.02^2)``; ``n_layers``/``k_inner`` then only give the
     reported Eq. 25 FFN variance, for comparison with the predicted memory variance.

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import backend as backends
 from .retrieval import key_balance_loss, product_key_topk, rank1_factors, tucker_rank_penalty
-from .values import expanded_lookup
+from .values import expanded_lookup, get_activation
 
 NORM_KINDS = (None, "layer", "rms", "batch")
 
@@ -71,6 +71,30 @@ def _check_config(cfg: object, **positive: int) -> None:
             raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
 
 
+def _check_floats(cfg: object, *, positive: dict[str, float] | None = None,
+                  non_negative: dict[str, float] | None = None) -> None:
+    """Finite real numbers, > 0 (``positive``) or >= 0 (``non_negative``); errors name the field."""
+    for bound, values in ((">", positive or {}), (">=", non_negative or {})):
+        for name, value in values.items():
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value <= 0 if bound == ">" else value < 0):
+                raise ValueError(f"{type(cfg).__name__}.{name} must be a finite number {bound} 0, got {value!r}")
+
+
+def _check_backend(cfg: object, backend: object) -> None:
+    """``auto``, ``triton`` (registered when ``kernels`` is imported, possibly later) or a registered name."""
+    allowed = sorted({"auto", "triton", *backends.available()})
+    if backend not in allowed:
+        raise ValueError(f"{type(cfg).__name__}.backend must be one of {allowed}, got {backend!r}")
+
+
+def _check_input(x: object, d_model: int) -> None:
+    """A layer input is a floating-point tensor ``[..., d_model]``."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != d_model:
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point tensor [..., d_model={d_model}], got {got}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Product-key retrieval: PKM, PEER, Memory+
 # ---------------------------------------------------------------------------------------------
@@ -96,9 +120,14 @@ class PKMConfig:
             raise ValueError(f"PKMConfig.d_key must be even (two halves), got {self.d_key}")
         if self.topk > self.n_keys:
             raise ValueError(f"PKMConfig.topk must be <= n_keys={self.n_keys}, got {self.topk}")
-        if self.key_norm == "batch":
-            raise ValueError("PKMConfig.key_norm cannot be 'batch' (keys are not a batch)")
+        if self.query_norm not in NORM_KINDS:
+            raise ValueError(f"PKMConfig.query_norm must be one of {NORM_KINDS}, got {self.query_norm!r}")
+        if self.key_norm not in NORM_KINDS or self.key_norm == "batch":
+            raise ValueError(f"PKMConfig.key_norm must be one of {NORM_KINDS[:3]} (keys are not a batch), "
+                             f"got {self.key_norm!r}")
+        _check_backend(self, self.backend)
         self.d_value = self.d_model if self.d_value is None else self.d_value
+        _check_config(self, d_value=self.d_value)
 
     @property
     def n_slots(self) -> int:
@@ -122,6 +151,7 @@ class ProductKeyRetrieval(nn.Module):
     def axis_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Row and column sub-key scores, each ``[..., H, n]``."""
         cfg = self.cfg
+        _check_input(x, cfg.d_model)
         q = self.query(x)  # [..., H*dk]
         if cfg.query_norm == "batch":
             q = _apply_norm(self.query_norm, q)
@@ -167,6 +197,10 @@ class PEER(nn.Module):
 
     def __init__(self, cfg: PKMConfig, activation: str = "gelu"):
         super().__init__()
+        get_activation(activation)  # refuse an unknown activation now, not at the first forward
+        if cfg.d_value != cfg.d_model:
+            raise ValueError(f"PEER needs PKMConfig.d_value == d_model (its experts' up vectors are d_model "
+                             f"wide); got d_value={cfg.d_value}, d_model={cfg.d_model}")
         self.cfg, self.activation = cfg, activation
         self.retrieval = ProductKeyRetrieval(cfg)
         std = cfg.d_model**-0.5
@@ -274,6 +308,10 @@ class TuckerConfig:
             )
         if self.norm_gain is None:
             self.norm_gain = self.d_key**-self.NORM_GAIN_EXPONENT
+        _check_floats(self, positive={"norm_gain": self.norm_gain},
+                      non_negative={"tucker_penalty": self.tucker_penalty, "tucker_tau": self.tucker_tau,
+                                    "balance_loss": self.balance_loss})
+        _check_backend(self, self.backend)
 
 
 class TuckerRetrieval(nn.Module):
@@ -307,6 +345,7 @@ class TuckerRetrieval(nn.Module):
     def axis_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-rank row and column scores, each ``[..., n, r]``."""
         cfg = self.cfg
+        _check_input(x, cfg.d_model)
         q = self.query(x).unflatten(-1, (2, -1, cfg.d_key))  # [..., 2, nq, D_k]
         q = self.query_norm(q)
         keys = self.key_norm(self.keys)  # [2, n, r, D_k] (normalised keys are the ones used)
@@ -413,6 +452,7 @@ class MultiHeadTuckerRetrieval(nn.Module):
     def axis_scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head, per-rank row and column scores, each ``[..., H, n, r]``."""
         cfg = self.cfg
+        _check_input(x, cfg.d_model)
         q = self.query(x).unflatten(-1, (cfg.query_groups, 2, -1, cfg.d_key))  # [..., G, 2, nq, D_k]
         q = self.query_norm(q).index_select(-4, self.head_query)  # [..., H, 2, nq, D_k]
         q = q.expand(*q.shape[:-2], cfg.rank, cfg.d_key)  # [..., H, 2, r, D_k] (shared query if nq = 1)
@@ -487,6 +527,9 @@ def ring_layout(n_layers: int, knum: int, share_ratio: float) -> tuple[int, int,
         raise ValueError(f"share_ratio must be in (0, 1], got {share_ratio}")
     rows = n_layers * knum * knum
     n_l = math.isqrt(int(round(share_ratio * rows)))
+    if n_l < 1:
+        raise ValueError(f"share_ratio={share_ratio} is too small: each window would have {n_l} keys per axis "
+                         f"(pool of {rows} rows)")
     return rows, n_l, [layer * knum * knum for layer in range(n_layers)]
 
 
@@ -503,6 +546,11 @@ class UltraMemV2Config(TuckerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_config(self, d_pre=self.d_pre, d_value=self.d_value, key_expand=self.key_expand)
+        _check_floats(self, positive={"value_std": self.value_std})
+        try:
+            get_activation(self.activation)
+        except ValueError as err:
+            raise ValueError(f"UltraMemV2Config.{err}") from None
         if self.d_value % self.cores:
             raise ValueError(f"UltraMemV2Config: d_value={self.d_value} must be divisible by cores={self.cores}")
         if self.n_keys % self.key_expand:

@@ -1,4 +1,4 @@
-"""Slot-usage and retrieval statistics for memory layers (PKM Sec. "dead keys"; papers.md Secs. 2.3, 7.7).
+"""Slot-usage and retrieval statistics for memory layers (PKM Sec. "dead keys"; docs/references.md Secs. 2.3, 7.7).
 
 Public API:
 
@@ -43,7 +43,7 @@ def _slot_scores(indices: Tensor, weights: Tensor) -> Tensor:
 def slot_counts(indices: Tensor, n_slots: int, weights: Tensor | None = None) -> Tensor:
     """Per-slot totals ``[n_slots]`` (float64): access counts, or absolute score mass ``|sum_c s|`` with ``weights``.
 
-    XLM's evaluator: ``u'_i`` = number of accesses, ``z'_i = sum_x w_i(x)`` (papers.md Sec. 2.3).
+    XLM's evaluator: ``u'_i`` = number of accesses, ``z'_i = sum_x w_i(x)`` (docs/references.md Sec. 2.3).
     """
     require_tensor("indices", indices)
     require_int("indices", indices)
@@ -70,7 +70,7 @@ def kl_to_uniform(counts: Tensor) -> float:
     """``KL(z || uniform) = log N + sum_i z_i log z_i`` with ``z = counts / sum(counts)`` and ``0 log 0 = 0``.
 
     0 for perfectly uniform use; ``log(1/f)`` when a fraction f of the slots is used uniformly
-    (papers.md Sec. 7.7).
+    (docs/references.md Sec. 7.7).
     """
     total = counts.sum()
     if total <= 0:
@@ -81,7 +81,7 @@ def kl_to_uniform(counts: Tensor) -> float:
 
 
 def uniform_usage_baseline(n_lookups: int, n_slots: int) -> float:
-    """Expected usage under uniformly random access: ``1 - (1 - 1/N)^A`` (papers.md Sec. 7.7)."""
+    """Expected usage under uniformly random access: ``1 - (1 - 1/N)^A`` (docs/references.md Sec. 7.7)."""
     return 1.0 - (1.0 - 1.0 / n_slots) ** n_lookups
 
 
@@ -117,7 +117,7 @@ def rank1_recall(
     Runs :func:`~umv2_ref.retrieval.tucker_topk` both ways (``exact=True`` and the prefilter with
     ``k`` candidates per axis, factors ``rank1`` and ``quadrants`` sign quadrants).  With ``positive_only`` the exact top-m is
     restricted to pairs whose rank-1 factors ``s_row @ u`` and ``s_col @ v`` are both positive (the
-    only pairs the prefilter can propose, papers.md Sec. 5.4); tokens with no such pair are skipped.
+    only pairs the prefilter can propose, docs/references.md Sec. 5.4); tokens with no such pair are skipped.
     """
     n = s_row.shape[-2]
     _, exact = tucker_topk(s_row, s_col, cores, m, exact=True)  # [..., m]

@@ -16,7 +16,7 @@ One block (pre-norm, RMSNorm, rotary positions, causal SDPA attention, SwiGLU FF
 * ``ultramem``: SwiGLU everywhere plus skip-layer memories ``"a:b"`` that read block a's FFN
   input and add their output after block b (UltraMem v1), each with ``mem_heads`` retrieval heads.
 * ``ultramemv2``: a memory layer in *every* block, in parallel with a shrunk SwiGLU on the same
-  normalised input: ``x_{l+1} = h_l + FFN(xbar_l) + Mem_l(xbar_l)`` (papers.md Sec. 6.2), optionally
+  normalised input: ``x_{l+1} = h_l + FFN(xbar_l) + Mem_l(xbar_l)`` (docs/references.md Sec. 6.2), optionally
   with one :class:`~umv2_ref.layers.ValuePool` shared by all layers (``share_ratio``, Sec. 6.8).
 
 Memory sizes are flat ``mem_*`` fields mapped onto the layer configs by :func:`memory_config`.
@@ -90,7 +90,10 @@ class ModelConfig:
     # ultramemv2: must stay "" (a memory in every block).  "" -> the middle block / "L/2-1:L/2".
     memory_layers: str = ""
     # --- memory sizes (see memory_config for the mapping onto the layer configs) ---
-    mem_n_keys: int = 16  # keys per axis n (ultramemv2: knum, keys per axis of a layer's value window)
+    # mem_knum: keys per axis of one layer's value table (the official mem_knum): a layer owns knum^2
+    # value rows; its retrieval grid has n_keys = knum (pkm/memoryplus/peer), knum * sqrt(mem_expand)
+    # (ultramem) or knum * mem_key_expand (ultramemv2) keys per axis.  See memory_config.
+    mem_knum: int = 16
     mem_topk: int = 8  # PKM-family: k per head; UltraMem/V2: m slots per token
     mem_heads: int = 2  # heads: product-key heads (pkm/memoryplus/peer), UltraMem v1 TDQKR heads; ultramemv2: 1
     mem_d_key: int = 32  # PKM-family: query dim per head; UltraMem/V2: D_k
@@ -100,7 +103,7 @@ class ModelConfig:
     mem_query_norm: str = "layer"  # PKM-family query norm ('batch' would leak future tokens)
     mem_rank: int = 2  # Tucker rank r
     mem_cores: int = 2  # Tucker cores c (multi-core scoring)
-    mem_expand: int = 4  # ultramem: implicit value expansion E
+    mem_expand: int = 4  # ultramem: implicit value expansion E, a perfect square (grid keys = knum sqrt(E))
     mem_key_expand: int = 1  # ultramemv2: official mem_key_expand_time (grid keys = this x window keys)
     mem_norm: str = "rms"  # TDQKR query/key norm
     mem_prefilter_quadrants: int = 1  # ultramem/ultramemv2 rank-1 prefilter: 1 as the papers, 2 both sign quadrants
@@ -174,26 +177,32 @@ def memory_placements(cfg: ModelConfig) -> list[tuple[int, int]]:
 def memory_config(cfg: ModelConfig) -> PKMConfig | UltraMemConfig | UltraMemV2Config:
     """The layer config of one memory layer of ``cfg`` (all memory layers of a model share it).
 
-    For ultramemv2, ``mem_n_keys`` is knum, the keys per axis of one layer's value window (the
-    official ``mem_knum``); with ``share_ratio`` the window grows to ``n_l = floor(sqrt(share_ratio L
-    knum^2))`` keys per axis (:func:`~umv2_ref.layers.ring_layout`), and the grid has ``mem_key_expand``
-    times more keys per axis than the window.
+    ``mem_knum`` is the official ``mem_knum``: one layer's value table has ``knum^2`` rows.  The
+    layer config's ``n_keys`` counts the keys per axis of the *retrieval grid*: ``knum`` for the
+    product-key memories; ``knum * sqrt(E)`` for UltraMem v1, whose grid of ``E knum^2`` virtual slots
+    folds onto the ``knum^2`` rows (IVE, E = ``mem_expand``); ``n_l * mem_key_expand`` for UltraMemV2,
+    whose value window has ``n_l = knum`` keys per axis, or with ``share_ratio`` ``n_l = floor(sqrt(
+    share_ratio L knum^2))`` (:func:`~umv2_ref.layers.ring_layout`).
     """
     if cfg.ffn in REPLACE_KINDS:
         d_value = cfg.mem_d_value if cfg.ffn == "memoryplus" else cfg.d_model
-        return PKMConfig(d_model=cfg.d_model, n_keys=cfg.mem_n_keys, d_key=cfg.mem_d_key, heads=cfg.mem_heads,
+        return PKMConfig(d_model=cfg.d_model, n_keys=cfg.mem_knum, d_key=cfg.mem_d_key, heads=cfg.mem_heads,
                          topk=cfg.mem_topk, query_norm=cfg.mem_query_norm, d_value=d_value, backend=cfg.backend)
     tucker = dict(d_model=cfg.d_model, d_key=cfg.mem_d_key, rank=cfg.mem_rank, cores=cfg.mem_cores,
                   topm=cfg.mem_topk, norm=cfg.mem_norm, prefilter_quadrants=cfg.mem_prefilter_quadrants,
                   tucker_penalty=cfg.mem_tucker_penalty,
                   balance_loss=cfg.mem_balance_loss, backend=cfg.backend)
     if cfg.ffn == "ultramem":
-        return UltraMemConfig(**tucker, n_keys=cfg.mem_n_keys, heads=cfg.mem_heads, d_value=cfg.mem_d_value,
+        side = math.isqrt(cfg.mem_expand) if cfg.mem_expand > 0 else 0
+        if side * side != cfg.mem_expand:
+            raise ValueError(f"ModelConfig.mem_expand must be a perfect square for ultramem (its grid has "
+                             f"knum * sqrt(E) keys per axis), got {cfg.mem_expand!r}")
+        return UltraMemConfig(**tucker, n_keys=cfg.mem_knum * side, heads=cfg.mem_heads, d_value=cfg.mem_d_value,
                               expand=cfg.mem_expand)
     if cfg.ffn == "ultramemv2":
-        window_keys = cfg.mem_n_keys
+        window_keys = cfg.mem_knum
         if cfg.share_ratio is not None:
-            window_keys = ring_layout(cfg.n_layers, cfg.mem_n_keys, cfg.share_ratio)[1]
+            window_keys = ring_layout(cfg.n_layers, cfg.mem_knum, cfg.share_ratio)[1]
         return UltraMemV2Config(**tucker, n_keys=window_keys * cfg.mem_key_expand, d_pre=cfg.mem_d_pre,
                                 d_value=cfg.mem_d_value, key_expand=cfg.mem_key_expand)
     raise ValueError(f"ffn={cfg.ffn!r} has no memory layer")
@@ -363,7 +372,7 @@ def build_memories(cfg: ModelConfig) -> tuple[list[nn.Module], ValuePool | Value
         return [], None
     layer_cfg = memory_config(cfg)
     if cfg.ffn == "ultramemv2" and cfg.share_ratio is not None:
-        rows, _, offsets = ring_layout(cfg.n_layers, cfg.mem_n_keys, cfg.share_ratio)
+        rows, _, offsets = ring_layout(cfg.n_layers, cfg.mem_knum, cfg.share_ratio)
         pool = ValuePool(rows, layer_cfg.d_pre, layer_cfg.d_value, std=layer_cfg.value_std)
         return [UltraMemV2(layer_cfg, pool=pool, offset=offsets[a]) for a, _ in placements], pool
     if cfg.ffn == "memoryplus" and cfg.mem_share_values:

@@ -4,7 +4,7 @@ Memory values are read sparsely (m rows per token), so their effective update ra
 the dense weights; the papers give them their own learning rate.  Under Adam, scaling a gradient
 does not change the step (the update is normalised by the gradient's own scale), so the
 multiplier must live in an optimiser *parameter group* -- never in a gradient hook
-(anchors.md Sec. 7 item 4).
+(docs/references.md §8 item 19).
 """
 from __future__ import annotations
 
@@ -56,5 +56,5 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float, floor: float =
 
 def value_lr_multiplier(step: int, total: int, start: float = 4.0, rate: float = 1.0) -> float:
     """UltraMem's decaying value-lr multiplier ``1 + (start - 1) * max(0, 1 - step / (rate * total))``
-    (papers.md Sec. 7.10); UltraMemV2's recommended constant 1x is ``start = 1``."""
+    (docs/references.md Sec. 7.10); UltraMemV2's recommended constant 1x is ``start = 1``."""
     return 1.0 + (start - 1.0) * max(0.0, 1.0 - step / (rate * total))

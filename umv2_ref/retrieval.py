@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .checks import (
+    require_finite,
     require_float,
     require_min_ndim,
     require_ndim,
@@ -97,7 +98,16 @@ def dense_topk(s_row: Tensor, s_col: Tensor, k: int) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_tucker(s_row: Tensor, s_col: Tensor, cores: Tensor, m: int) -> tuple[int, int]:
+def _check_tucker(s_row: Tensor, s_col: Tensor, cores: Tensor, m: int, *, exact: bool = False,
+                  k: int | None = None, rank1: tuple[Tensor, Tensor] | None = None,
+                  quadrants: int = 1) -> tuple[int, int]:
+    """Refuse bad :func:`tucker_topk` inputs before any work; returns ``(n, r)``.
+
+    Shapes, dtypes and devices first, then the sizes (``c >= 1``, ``r >= 1``, ``m``, and for the
+    prefilter ``k``, ``quadrants`` and the shape of ``rank1``), then the values (finite scores,
+    cores and ``rank1``: a NaN would make the reference and a kernel pick different slots).
+    The Triton kernel calls this same function, so both refuse identically.
+    """
     n = _check_axis_scores(s_row, s_col, 2, "[..., n, r]")
     r = s_row.shape[-1]
     require_tensor("cores", cores)
@@ -107,10 +117,38 @@ def _check_tucker(s_row: Tensor, s_col: Tensor, cores: Tensor, m: int) -> tuple[
         raise ValueError(f"cores must have shape [c, r, r] with r={r} (from s_row); got {tuple(cores.shape)}")
     require_same("dtype", s_row=s_row, cores=cores)
     require_same("device", s_row=s_row, cores=cores)
+    if cores.shape[0] == 0 or r == 0:
+        raise ValueError(f"cores must have shape [c, r, r] with c >= 1 and r >= 1; got {tuple(cores.shape)}")
     require_positive_int("m", m)
     if m > n * n:
         raise ValueError(f"m must be <= n^2 = {n * n}, got m={m}")
+    if isinstance(quadrants, bool) or not isinstance(quadrants, int) or quadrants not in (1, 2):
+        raise ValueError(f"quadrants must be 1 or 2, got {quadrants!r}")
+    if not exact:
+        k = m if k is None else k
+        require_positive_int("k", k)
+        if k > n or k * k < m:
+            raise ValueError(f"k (candidates per axis) must satisfy k <= n={n} and k*k >= m={m}; got k={k}")
+        if rank1 is not None:
+            _check_rank1(rank1, cores)
+    require_finite("s_row", s_row)
+    require_finite("s_col", s_col)
+    require_finite("cores", cores)
     return n, r
+
+
+def _check_rank1(rank1: object, cores: Tensor) -> None:
+    """``rank1`` must be a pair ``(u, v)`` of finite float vectors ``[r]`` on the cores' device."""
+    r = cores.shape[-1]
+    if not isinstance(rank1, (tuple, list)) or len(rank1) != 2:
+        raise ValueError(f"rank1 must be a pair (u, v) of [r] tensors, got {type(rank1).__name__}")
+    for name, t in zip(("rank1[0]", "rank1[1]"), rank1):
+        require_tensor(name, t)
+        require_float(name, t)
+        if tuple(t.shape) != (r,):
+            raise ValueError(f"{name} must have shape [r] = [{r}], got {tuple(t.shape)}")
+        require_same("device", **{name: t, "cores": cores})
+        require_finite(name, t)
 
 
 def tucker_grid(s_row: Tensor, s_col: Tensor, cores: Tensor) -> Tensor:
@@ -137,7 +175,11 @@ def rank1_factors(cores: Tensor, previous: tuple[Tensor, Tensor] | None = None) 
     Computed without gradient, in float64 for a stable SVD. Returns ``u, v`` of shape ``[r]``.
     """
     require_tensor("cores", cores)
+    require_float("cores", cores)
     require_ndim("cores", cores, 3, "[c, r, r]")
+    if cores.shape[0] == 0 or cores.shape[1] == 0 or cores.shape[1] != cores.shape[2]:
+        raise ValueError(f"cores must have shape [c, r, r] with c >= 1 and r >= 1; got {tuple(cores.shape)}")
+    require_finite("cores", cores)
     with torch.no_grad():
         total = cores.detach().to(torch.float64).sum(0)  # [r, r]
         U, _, Vh = torch.linalg.svd(total)
@@ -202,9 +244,7 @@ def tucker_topk(
     when the summed core is exactly rank 1.  ``quadrants=2`` proposes from both sign quadrants
     (at most ``2 k^2`` candidates, rescored with the full cores) and recovers most of the rest.
     """
-    n, r = _check_tucker(s_row, s_col, cores, m)
-    if isinstance(quadrants, bool) or not isinstance(quadrants, int) or quadrants not in (1, 2):
-        raise ValueError(f"quadrants must be 1 or 2, got {quadrants!r}")
+    n, r = _check_tucker(s_row, s_col, cores, m, exact=exact, k=k, rank1=rank1, quadrants=quadrants)
     if exact:
         with torch.no_grad():
             total = tucker_grid(s_row, s_col, cores).sum(-3).flatten(-2)  # [..., n*n]
@@ -212,9 +252,6 @@ def tucker_topk(
         rows, cols = flat // n, flat % n
     else:
         k = m if k is None else k
-        require_positive_int("k", k)
-        if k > n or k * k < m:
-            raise ValueError(f"k (candidates per axis) must satisfy k <= n={n} and k*k >= m={m}; got k={k}")
         u, v = rank1_factors(cores) if rank1 is None else rank1
         with torch.no_grad():
             rows, cols = _prefilter(s_row, s_col, cores, m, k, u, v, quadrants)
@@ -231,7 +268,10 @@ def _prefilter(s_row: Tensor, s_col: Tensor, cores: Tensor, m: int, k: int, u: T
 
     Quadrant q proposes the k x k grid ``I_row^q x I_col^q``: q = 0 the top-k of ``a = s_row @ u``
     and ``b = s_col @ v``, q = 1 the top-k of ``-a`` and ``-b``.  Every candidate is rescored with
-    ``sum_c C_c`` as one batched ``R (sum_c C_c) C^T`` product per quadrant.
+    ``sum_c C_c`` as one batched ``R (sum_c C_c) C^T`` product per quadrant.  Speed on CPU: the
+    per-axis top-k are sorted, which lays the best candidates out first and makes the top-m over
+    the grid ~2.6x faster (measured, 1024 tokens, k = m = 32); the top-m itself returns a set
+    (``sorted=False``): the caller orders the winners by their full score.
     """
     r = s_row.shape[-1]
     a = s_row @ u.to(s_row.dtype)  # [..., n]
@@ -249,7 +289,7 @@ def _prefilter(s_row: Tensor, s_col: Tensor, cores: Tensor, m: int, k: int, u: T
         col_in_first = (idx_c[..., 1, :, None] == idx_c[..., 0, None, :]).any(-1)  # [..., k]
         twice = row_in_first[..., :, None] & col_in_first[..., None, :]  # [..., k, k]
         cand[..., 1, :, :] = cand[..., 1, :, :].masked_fill(twice, -torch.inf)
-    best = cand.flatten(-3).topk(m, dim=-1).indices  # [..., m] flat (quadrant, row candidate, col candidate)
+    best = cand.flatten(-3).topk(m, dim=-1, sorted=False).indices  # [..., m] flat (quadrant, row cand., col cand.)
     quadrant, pos = best // (k * k), best % (k * k)  # [..., m]
     rows = idx_r.flatten(-2).gather(-1, quadrant * k + pos // k)  # [..., m]
     cols = idx_c.flatten(-2).gather(-1, quadrant * k + pos % k)  # [..., m]

@@ -19,7 +19,7 @@ task           what must be remembered                             where the mem
 MQAR follows zoology's definition (Arora et al. 2023, arXiv 2312.04927); the three others are
 defined here.  UltraMemV2 (arXiv 2508.18756, Table 2) reports its largest long-context gains on
 multi-round memorisation and in-context learning; ``facts`` is the parametric-capacity probe
-memory layers are built for (teaching.md Sec. 4.2 (f)).
+memory layers are built for (a capacity probe after Allen-Zhu & Li, arXiv 2404.05405).
 
 ``python -m umv2_ref.synthetic --write-eval data/`` writes the fixed evaluation sets
 (``data/eval_<task>.npy``, int16 ``[2, N, T]`` = inputs, targets) whose SHA-256 are listed in
@@ -243,7 +243,7 @@ class FactMemorisation:
     """A fixed random table of ``n_facts`` facts ``(e1, e2) -> a``, stored in the parameters.
 
     The table is drawn once from ``fact_seed`` and shared by every training and evaluation
-    sequence (Physics of LMs 3.3-style capacity probe; teaching.md Sec. 4.2 (f)).  Entities are
+    sequence (Physics of LMs 3.3-style capacity probe; Allen-Zhu & Li, arXiv 2404.05405).  Entities are
     distinct pairs of tokens from a small alphabet of ``entity_tokens`` ids starting at ``V/8``,
     so every token takes part in many facts and the attribute depends on *both* (see
     :meth:`one_token_baseline`); attributes come from the tokens above the entity alphabet,

@@ -1,4 +1,4 @@
-"""Solution of nb03_v2_macs: UltraMemV2 multiply-accumulates per token with k candidates per axis."""
+"""Solution of nb03_v2_macs: UltraMemV2 multiply-accumulates per token with k candidates per axis (docs/references.md Sec. 7.9)."""
 
 
 def solution(d, n_keys, d_key, rank, cores, topm, d_pre, d_value, k):

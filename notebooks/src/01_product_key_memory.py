@@ -47,7 +47,7 @@ from umv2_ref.values import weighted_sum
 #
 # $$\mathcal I = \mathrm{TopK}_k\big(\{q(x)^\top k_i\}_{i=1}^{N}\big),\qquad
 #   w = \mathrm{softmax}\big((q(x)^\top k_i)_{i\in\mathcal I}\big),\qquad
-#   m(x) = \sum_{i\in\mathcal I} w_i\, V[i]. \qquad\text{(PKM Sec. 3; papers.md §2.1)}$$
+#   m(x) = \sum_{i\in\mathcal I} w_i\, V[i]. \qquad\text{(PKM Sec. 3; docs/references.md §2.1)}$$
 #
 # Reading $k$ rows costs $k\,D_v$ multiply-adds whatever $N$ is, so $N$ can grow to millions of
 # slots. The catch is the first step: **finding** the top-$k$ keys. Done naively it scores all
@@ -118,7 +118,12 @@ print("n^2 =", n * n, "slot scores from", 2 * n, "sub-key scores")
 # 3. keeps the top-$k$ of those $k^2$ candidates.
 #
 # Cost: $O(n\,d_q + k^2)$ instead of $O(n^2 d_q)$ — for the paper's $N=512^2$, $k=32$ that is
-# $512 + 1024$ scores instead of $262{,}144$.
+# $512 + 1024$ scores instead of $262{,}144$. The whole layer as a diagram (shapes on the arrows; $d$ =
+# model width, $d_q$ = query width, $D_v$ = value width):
+
+# %%
+fig = viz.product_key_diagram(n=8, k=3)
+plt.show()
 
 # %%
 k = 5
@@ -239,7 +244,7 @@ interact(show_product_keys, k=(1, 16), seed=(0, 20), n=(16, 48, 8));
 # %% [markdown]
 # ## 4. Multi-head PKM, by hand
 #
-# A PKM layer runs $H$ such searches in parallel (multi-head memory, papers.md §2.1): each head $h$ has its own query
+# A PKM layer runs $H$ such searches in parallel (multi-head memory, docs/references.md §2.1): each head $h$ has its own query
 # projection slice and its own two sub-key sets, selects its own $k$ slots, applies a softmax
 # over its $k$ scores, and all heads read **the same** value table; their reads are summed:
 #
@@ -275,7 +280,7 @@ print("inline multi-head PKM == umv2_ref.layers.PKM; slots read per token:", ref
 # ## 5. Which slots get used? Query normalisation
 #
 # A slot whose key is never in anyone's top-$k$ is **dead**: it is never read, so its value never
-# receives a gradient and its key never moves. PKM's evaluation code (papers.md §2.3) measures this with
+# receives a gradient and its key never moves. PKM's evaluation code (docs/references.md §2.3) measures this with
 # the access distribution $z_i = c_i/\sum_j c_j$ over a validation set ($c_i$ = how often slot $i$ was
 # selected):
 #
@@ -284,7 +289,7 @@ print("inline multi-head PKM == umv2_ref.layers.PKM; slots read per token:", ref
 #
 # KL is 0 for perfectly uniform access and $\log(1/f)$ when a fraction $f$ of the slots is used
 # uniformly. A reference point for "dead" plots: with $A$ uniformly random accesses, expected usage
-# is $1-(1-1/N)^A\approx 1-e^{-A/N}$ (papers.md §7.7).
+# is $1-(1-1/N)^A\approx 1-e^{-A/N}$ (docs/references.md §7.7).
 #
 # ### Exercise 3 — usage metrics
 #
@@ -325,13 +330,13 @@ check("nb01_expected_usage", my_expected_usage)
 # Real hidden states are **anisotropic**: they share a large common component (a mean offset)
 # on top of the token-specific part. A linear query inherits it, $q = W_q(\mu + \varepsilon) =
 # W_q\mu + W_q\varepsilon$, and when $\|W_q\mu\|$ dominates, every token's query points the same
-# way and picks the same few slots. PKM puts a **BatchNorm** on the queries (papers.md §2.1):
+# way and picks the same few slots. PKM puts a **BatchNorm** on the queries (docs/references.md §2.1):
 # subtracting the batch mean removes $W_q\mu$ and rescaling spreads the queries over all keys;
 # the paper credits it with higher usage and lower KL. Here we can watch the effect directly.
 #
 # We generate inputs $x=\mu+\varepsilon$ where $\varepsilon$ is one of `clusters` random centres
 # plus a little noise and $\|\mu\| = $ `offset` $\cdot\sqrt d$, and count the slots a freshly
-# initialised PKM reads, with and without query BatchNorm.
+# initialised PKM reads with query BatchNorm, with a per-token LayerNorm, and with no normalisation.
 
 # %%
 D_MODEL, N_KEYS = 32, 16  # N = 256 slots
@@ -365,7 +370,7 @@ def slot_counts(layer, x):
 
 def usage_at_init(offset=3.0):
     x, _ = sample(make_task(offset), 4096, torch.Generator().manual_seed(2))
-    curves = {f"query norm: {qn}": slot_counts(make_pkm(qn), x) for qn in ("batch", None)}
+    curves = {f"query norm: {qn}": slot_counts(make_pkm(qn), x) for qn in ("batch", "layer", None)}
     fig = viz.sorted_usage(curves, title=f"usage at init, offset = {offset}")
     plt.show()
     return {label: viz.usage_metrics(c) for label, c in curves.items()}
@@ -377,10 +382,35 @@ init_usage
 # %%
 assert init_usage["query norm: batch"]["fraction_used"] > 0.9
 assert init_usage["query norm: None"]["fraction_used"] < 0.5
+assert init_usage["query norm: layer"]["fraction_used"] < 0.5  # a per-token norm keeps the shared direction
+for label, m in init_usage.items():
+    print(f"{label:18}: used {100 * m['fraction_used']:5.1f}% | dead {m['dead']:3d} of {N_KEYS ** 2}")
 
 # %% [markdown]
-# Slide the offset: at 0 the inputs are isotropic and both layers use most slots; as the shared
-# component grows, the un-normalised layer collapses onto a few slots while BatchNorm is unaffected.
+# **A caveat for language models.** BatchNorm normalises every query with the mean and variance of the
+# whole batch — in a language model, of all positions of all sequences. During training the query of
+# token $t$ then depends on the tokens that come *after* it: a causal model sees its future through the
+# normalisation statistics (at evaluation the running statistics hide the leak, so it is easy to miss).
+# The check below changes only the last token of a batch and watches the first token's query move.
+# That is why the language models of notebooks 06 and 08 use a per-token **LayerNorm** on their
+# queries. LayerNorm is causal-safe, but as the usage above shows, it does not remove a direction
+# shared by all tokens: it centres each query over its own features, not over the batch. Here the
+# inputs are independent points, not sequences, so BatchNorm is harmless and we keep it.
+
+# %%
+bn = torch.nn.BatchNorm1d(4)  # training mode: batch statistics
+tokens = torch.randn(8, 4)  # [T, d] eight "positions" of one sequence
+later_changed = tokens.clone()
+later_changed[-1] += 5.0  # change only the LAST position
+moved = (bn(tokens)[0] - bn(later_changed)[0]).abs().max().item()
+ln = torch.nn.LayerNorm(4)
+moved_ln = (ln(tokens)[0] - ln(later_changed)[0]).abs().max().item()
+print(f"first position's normalised query moves by {moved:.3f} (BatchNorm) and {moved_ln:.3f} (LayerNorm)")
+assert moved > 0.1 and moved_ln == 0.0
+
+# %% [markdown]
+# Slide the offset: at 0 the inputs are isotropic and all three layers use most slots; as the shared
+# component grows, the layers without BatchNorm collapse onto a few slots while BatchNorm is unaffected.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -390,8 +420,10 @@ interact(usage_at_init, offset=(0.0, 5.0, 0.5));
 # ## 6. Training a small PKM
 #
 # Usage at initialisation is only half the story: training moves the keys, and it can spread the
-# reads out or concentrate them further. A dead slot is hard to revive, because a key receives a
-# gradient only when it is selected. We fit a PKM layer alone to the lookup task above — predict the cluster's target
+# reads out or concentrate them further. A dead slot's own key and value receive no gradient (they are
+# never selected), but the query projection $W_q$ does, and as it moves, queries can land on dead keys
+# and bring them back. Whether that happens is an empirical question; we measure it.
+# We fit a PKM layer alone to the lookup task above — predict the cluster's target
 # vector from $x$ — with the paper's recipe: Adam, values at a constant learning rate. The memory
 # has $N=256$ slots and the task 512 clusters, so the layer has to share slots between clusters and
 # benefits from using all of them.
@@ -424,8 +456,9 @@ runs = {qn: train_pkm(qn, steps) for qn in ("batch", None)}
 print(f"trained 2 x {steps} steps in {time.perf_counter() - start:.1f} s")
 for qn, (_, losses, val, counts) in runs.items():
     m = viz.usage_metrics(counts)
+    dead_init = init_usage[f"query norm: {qn}"]["dead"]  # same init, same 4096 inputs, before training
     print(f"query norm {str(qn):5}: val MSE {val:.3f} | used {100 * m['fraction_used']:.1f}% | "
-          f"KL {m['kl_uniform']:.3f} | dead {m['dead']}")
+          f"KL {m['kl_uniform']:.3f} | dead {m['dead']} (at init: {dead_init})")
 
 # %%
 window = max(1, steps // 20)
@@ -435,8 +468,8 @@ fig = viz.line_plot(torch.arange(len(next(iter(smooth.values())))) + window, smo
 plt.show()
 
 # %% [markdown]
-# Where the reads land after training: the heatmap shows the $16\times16$ key grid (black = dead
-# slot), the histogram the spread of access counts.
+# Where the reads land after training: the heatmap shows the $16\times16$ key grid (red = dead
+# slot, a colour no live count takes), the histogram the spread of access counts.
 
 # %%
 for qn, (_, _, _, counts) in runs.items():
@@ -451,8 +484,12 @@ plt.show()
 after = {qn: viz.usage_metrics(r[3]) for qn, r in runs.items()}
 assert after["batch"]["fraction_used"] > after[None]["fraction_used"]
 assert after["batch"]["kl_uniform"] < after[None]["kl_uniform"]
+dead_init = init_usage["query norm: None"]["dead"]
+print(f"without query norm: {dead_init} dead slots at init, {after[None]['dead']} after {steps} steps "
+      f"(net change {after[None]['dead'] - dead_init:+d}); with BatchNorm: {after['batch']['dead']} dead")
 if not SMOKE:
     assert runs["batch"][2] < runs[None][2]  # and it fits the task better
+    assert after[None]["dead"] < dead_init / 2  # most dead slots come back: the query projection moves
 
 # %% [markdown]
 # ## Summary
@@ -461,8 +498,14 @@ if not SMOKE:
 #   $k\times k$ candidate block, and — because the grid score is **additive** — the result is
 #   *exactly* the brute-force top-$k$.
 # * Heads multiply the slots read per token; all heads share one value table.
-# * A memory is only as large as the slots it uses. Query normalisation removes the shared
-#   component of the inputs and keeps usage high; dead slots never recover by themselves.
+# * A memory is only as large as the slots it uses. Query BatchNorm removes the shared component of
+#   the inputs and keeps usage high from the first step; without it most slots start dead. Over the
+#   full-size run (1500 steps) training brings most of them back — the query projection moves
+#   although dead keys do not; a short run need not — but the layer still ends with fewer slots in use
+#   and a less even spread than with BatchNorm (numbers printed above).
+# * In a causal language model BatchNorm leaks future tokens through its batch statistics, so the
+#   language models later in this course use a per-token LayerNorm, which keeps the leak out but
+#   not the shared direction.
 #
 # Next, **02 · TDQKR**: UltraMem replaces the additive grid by a Tucker-decomposed bilinear one,
 # which is more expressive but whose fast top-$m$ is no longer exact.

@@ -66,7 +66,7 @@ print("grid rank:", torch.linalg.matrix_rank(grid).item(), "(at most r =", r, ")
 #
 # In an additive grid the runner-up **always** shares a row or a column with the winner (it is
 # $(i_1, j_2)$ or $(i_2, j_1)$), so a query can never pick two slots that differ in both keys as
-# its top two — UltraMem's motivation for a multiplicative grid (papers.md §5.3), which has no such
+# its top two — UltraMem's motivation for a multiplicative grid (docs/references.md §5.3), which has no such
 # constraint. Counted over many random queries:
 
 # %%
@@ -144,7 +144,7 @@ print("per-core scores of the exact top-m:", tuple(exact_scores.shape))
 # ## 2. The rank-1 prefilter
 #
 # Finding the exact top-$m$ of the Tucker grid means scoring all $n^2$ slots — the cost product keys
-# were invented to avoid. UltraMem (Eqs. 6–10, papers.md §5.4) approximates the summed core by its
+# were invented to avoid. UltraMem (Eqs. 6–10, docs/references.md §5.4) approximates the summed core by its
 # leading singular pair:
 #
 # $$\bar C = \sum_c C_c = U\Lambda V^\top \approx \lambda_1\, u v^\top
@@ -155,7 +155,12 @@ print("per-core scores of the exact top-m:", tuple(exact_scores.shape))
 # top-$m$ of those is the answer. In the layers, $(u, v)$ live in buffers refreshed once per
 # optimiser step (`refresh_rank1`), and the official code uses $k=m$.
 #
-# Inline, then checked against `tucker_topk(..., exact=False)`:
+# The pipeline as a diagram (shapes per token; $d$ model width, $n$ keys per axis, $c$ cores), then
+# inline and checked against `tucker_topk(..., exact=False)`:
+
+# %%
+fig = viz.tdqkr_diagram()
+plt.show()
 
 # %%
 m = k = cfg.topm
@@ -189,7 +194,7 @@ print("inline rank-1 prefilter == tucker_topk(exact=False)")
 # of $a$ and of $b$ proposes only the most positive factors, so the $(-)\times(-)$ slots are **never
 # proposed**. (PKM's sum has no such second mode: a large sum needs large terms.) Queries and keys
 # are normalised, so the factors are roughly symmetric around 0 and about half of the exact
-# top-$m$ sits in the negative quadrant (papers.md §7.5).
+# top-$m$ sits in the negative quadrant (docs/references.md §7.5).
 #
 # We measure **recall** — the fraction of the exact top-$m$ slots that the prefilter returns —
 # over the 512 random tokens, and split the exact top-$m$ by the sign of their factors.
@@ -333,9 +338,11 @@ assert by_k[-1]["recall"] == 1.0  # k = n: every slot is a candidate, the "prefi
 #
 # ### Try it
 #
-# The grid of one token with the exact top-$m$ outlined and the prefilter's $k$ candidate rows and
-# columns marked (orange bars; the other rows and columns are dimmed). Red cells outside the bright
-# candidate block are slots the prefilter cannot return.
+# The grid of one token with the exact top-$m$ outlined in red and the prefilter's $k$ candidate rows
+# and columns marked (orange bars; the other rows and columns are dimmed). A white dot marks an exact
+# top-$m$ slot the prefilter found, a white cross one it missed, and a dashed white square a slot the
+# prefilter returned in place of a missed one. Crosses outside the bright candidate block are slots the
+# prefilter cannot return, whatever their score.
 
 # %%
 def show_prefilter(ratio=0.2, k=16, token=0):
@@ -345,8 +352,8 @@ def show_prefilter(ratio=0.2, k=16, token=0):
     _, exact = tucker_topk(sr, sc, c, m, exact=True)
     _, approx = tucker_topk(sr, sc, c, m, k=k)
     rec = (exact[:, None] == approx[None, :]).any(-1).float().mean().item()
-    viz.key_score_grid(tucker_grid(sr, sc, c).sum(0), selected=exact, row_candidates=(sr @ u_).topk(k).indices,
-                       col_candidates=(sc @ v_).topk(k).indices,
+    viz.key_score_grid(tucker_grid(sr, sc, c).sum(0), selected=exact, returned=approx,
+                       row_candidates=(sr @ u_).topk(k).indices, col_candidates=(sc @ v_).topk(k).indices,
                        title=f"exact top-{m} (red), k = {k} candidates: recall {rec:.2f}")
     plt.show()
     return rec
@@ -378,6 +385,77 @@ def my_prefilter_topk(s_row, s_col, cores, u, v, m, k):
 check("nb02_prefilter_topk", my_prefilter_topk)
 
 # %% [markdown]
+# ### This project's addition: propose from both sign quadrants (`quadrants=2`)
+#
+# *Not in UltraMem, UltraMemV2 or their released code: a repair this project adds, off by default.*
+#
+# The sign argument above also says what to do about it. The $(-)\times(-)$ slots score
+# $\lambda_1 (-|a_i|)(-|b_j|) = \lambda_1 |a_i||b_j|$, so the prefilter can find them exactly as it finds
+# the $(+)\times(+)$ ones: take the top-$k$ rows of $-a$ and the top-$k$ columns of $-b$ as a **second**
+# $k\times k$ candidate grid. The candidates are the union of the two grids (at most $2k^2$ pairs; a
+# pair in both counts once), all rescored with the full cores, and the best $m$ are returned — the
+# same output as before. In the package: `tucker_topk(..., quadrants=2)`,
+# `TuckerConfig(prefilter_quadrants=2)` and `ModelConfig(mem_prefilter_quadrants=2)`; the Triton
+# kernel implements the same contract.
+#
+# Inline on the same tokens, then checked against `tucker_topk(..., quadrants=2)`:
+
+# %%
+u1, v1 = rank1_factors(cores)
+a1, b1 = S_row @ u1, S_col @ v1  # [T, n] rank-1 factors
+assert 2 * k <= cfg.n_keys  # then top-k of a and top-k of -a share no row: the two grids are disjoint
+rows_q = torch.stack([a1.topk(k).indices, (-a1).topk(k).indices], 1)  # [T, 2, k] (+) and (-) rows
+cols_q = torch.stack([b1.topk(k).indices, (-b1).topk(k).indices], 1)  # [T, 2, k]
+cand_q = (rows_q[..., :, None] * cfg.n_keys + cols_q[..., None, :]).flatten(1)  # [T, 2k^2] slot ids
+best_q = cand_q.gather(1, summed.flatten(1).gather(1, cand_q).topk(m).indices)  # [T, m] rescored, best m
+_, two_idx = tucker_topk(S_row, S_col, cores, m, k=k, quadrants=2)  # [T, m]
+assert torch.equal(best_q.sort(-1).values, two_idx.sort(-1).values)
+print("inline two-quadrant prefilter == tucker_topk(quadrants=2)")
+
+recall_q = {q: metrics.rank1_recall(S_row, S_col, cores, m, k=k, quadrants=q) for q in (1, 2)}
+print(f"recall of the exact top-{m} at init (k = m = {k}, {S_row.shape[0]} tokens): "
+      f"one quadrant {recall_q[1]:.3f}, two quadrants {recall_q[2]:.3f}")
+assert recall_q[2] >= 0.98 > 0.7 > recall_q[1]
+
+# %% [markdown]
+# Recall against the candidate count $k$, one and two quadrants. With two quadrants it starts near 1
+# at the official $k = m$; with one it stays near one half until $k$ approaches $n$.
+
+# %%
+ks_q = [m, 20, 24, 28, 32] if SMOKE else list(range(m, cfg.n_keys + 1, 2))
+curves = {f"{q} quadrant{'s' if q == 2 else ''}": [metrics.rank1_recall(S_row, S_col, cores, m, k=kk, quadrants=q)
+                                                  for kk in ks_q] for q in (1, 2)}
+fig = viz.recall_plot(ks_q, curves, xlabel=f"candidates per axis k (n = {cfg.n_keys})",
+                      title=f"prefilter recall, m = {m}: one vs two sign quadrants")
+plt.show()
+assert min(curves["2 quadrants"]) >= 0.98
+
+# %% [markdown]
+# What it costs: twice the candidates to rescore and a top-$m$ over $2k^2$ instead of $k^2$ scores; the
+# rank-1 scores and the two top-$k$ per axis are shared work. Timed here on the same tokens (one call,
+# forward only; the ratio depends on the machine). `python -m umv2_ref.experiments.prefilter` measures
+# the recall of trained layers, the cost inside a training step, and the effect on training over
+# several seeds.
+
+# %%
+import time  # noqa: E402
+
+
+def median_ms(fn, reps=5 if SMOKE else 20):
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+with torch.no_grad():
+    cost = {q: median_ms(lambda q=q: tucker_topk(S_row, S_col, cores, m, k=k, quadrants=q)) for q in (1, 2)}
+print(f"candidates rescored per token: {k * k} vs {2 * k * k};  time per call: {cost[1]:.2f} ms vs {cost[2]:.2f} ms "
+      f"({cost[2] / cost[1]:.2f}x)")
+
+# %% [markdown]
 # ## 4. The Tucker-rank penalty
 #
 # UltraMem adds an auxiliary loss (written as UltraMemV2 Eq. 17; $\alpha=0.001$, $\tau=0.15$ from UltraMem
@@ -387,7 +465,7 @@ check("nb02_prefilter_topk", my_prefilter_topk)
 # $$\mathcal L_{aux} = \frac{\alpha}{r-1}\sum_{i=2}^{r}\max(0,\ \lambda_i-\tau)^2 .$$
 #
 # The margin $\tau$ stops it from forcing $\bar C$ to exactly rank 1, which would throw away the
-# expressiveness the core was added for. Two facts worth knowing (papers.md §5.5, §8 item 10): the
+# expressiveness the core was added for. Two facts worth knowing (docs/references.md §5.5, §8 item 10): the
 # official code computes this loss but never adds it to the training loss, and UltraMemV2 drops it.
 # Our measurements say why it could not matter much: it helps only the $(+)\times(+)$ recall, and the
 # negative quadrant, half of the exact top-$m$, is out of reach whatever $\lambda_2$ is.

@@ -40,7 +40,7 @@ from umv2_ref.values import expanded_lookup, peer_values, weighted_sum
 # retrieval grid of notebook 02 is made $E\cdot N$ slots large ($n^2 = E N$). A fixed random
 # permutation $\pi$ (`shuffle`) maps virtual slot $v$ to block $p=\lfloor\pi(v)/N\rfloor$ and physical row
 # $\pi(v)\bmod N$; shuffling stops the $E$ copies of one physical row from sitting next to each other
-# on the grid (papers.md §5.7).
+# on the grid (docs/references.md §5.7).
 #
 # The layer's output is a score-weighted sum of the selected virtual rows. Split the selected slots
 # by block, with $\hat s_p$ the (sparse, length-$N$) vector of scores landing in block $p$:
@@ -50,9 +50,15 @@ from umv2_ref.values import expanded_lookup, peer_values, weighted_sum
 #
 # The right-hand side is the trick: **retrieve first, expand after**. Pool the physical rows of each
 # block ($m$ rows of width $D_v$), then apply $E$ small projections — the virtual tables are never built.
-#
-# Let us take a real `UltraMem` layer (one core, so each slot has a single score), run its retrieval,
-# and compute the output both ways.
+# In a picture, for a $4\times4$ grid over $N=4$ rows with $E=4$ (colour = block; shapes per token):
+
+# %%
+fig = viz.value_expansion_diagram(n=4, expand=4)
+plt.show()
+
+# %% [markdown]
+# Now a real `UltraMem` layer (one core, so each slot has a single score): run its retrieval, and
+# compute the output both ways.
 
 # %%
 torch.manual_seed(0)
@@ -110,15 +116,17 @@ print("materialised == implicit == umv2_ref UltraMem output")
 
 # %% [markdown]
 # Where the shuffle sends the grid: each cell of the $16\times16$ grid coloured by its virtual
-# block $p$, with one token's $m$ selected slots outlined. Blocks are scattered uniformly — a
-# token's $m$ slots fall into several blocks, each projected by its own $W_p$.
+# block $p$ (one colour per block), with one token's $m$ selected slots outlined. Blocks are scattered
+# uniformly — a token's $m$ slots fall into several blocks, each projected by its own $W_p$. The bars
+# are blocks, not slots: the norm of each block's pooled vector $V^\top\hat s_p$ for that token.
 
 # %%
 block_map = (layer.shuffle // N).reshape(cfg.n_keys, cfg.n_keys)  # [n, n] block of every virtual slot
-fig = viz.key_score_grid(block_map, selected=virtual[0], title="virtual block p (colour) of every grid slot")
+fig = viz.key_score_grid(block_map, selected=virtual[0], categories=E, category_label="block p",
+                         title="virtual block of every grid slot; token 0's slots outlined")
 plt.show()
 print("blocks of token 0's slots:", block[0].tolist())
-fig = viz.contribution_norms(z[0].norm(dim=-1), labels=[f"block {p}" for p in range(E)],
+fig = viz.contribution_norms(z[0].norm(dim=-1), labels=[f"block {p}" for p in range(E)], xlabel="virtual block p",
                              title="token 0: norm of each block's pooled vector", ylabel=r"$\|V^\top \hat s_p\|$")
 plt.show()
 
@@ -152,8 +160,8 @@ print("per-core slices: inline == UltraMem(cores=2)")
 #
 # The implicit form pays $E D_v D'$ dense multiply-adds per token — $E$ small projections, the same
 # for every token — to avoid **storing** $E N D'$ parameters (and reading them: memory layers are
-# bound by memory traffic, papers.md §5.1). UltraMem Table 3 reports $E=4$ costing +6.6 % FLOPs for
-# −0.017 validation loss. Below, these formulas for one layer of UltraMem-227M's size (papers.md §7.8):
+# bound by memory traffic, docs/references.md §5.1). UltraMem Table 3 reports $E=4$ costing +6.6 % FLOPs for
+# −0.017 validation loss. Below, these formulas for one layer of UltraMem-227M's size (docs/references.md §7.8):
 # $N=808^2$ physical rows, $E=4$ (a $1616\times1616$ grid of virtual slots), $D_v=384$, $d=768$, $m=32$.
 
 # %%
@@ -186,22 +194,26 @@ assert uc.macs == retr.macs + ours[1]
 assert costs.module_cost(layer).params == costs.count_params(layer)  # formula == the real small layer
 print(f"one UltraMem layer: {costs.format_count(uc.params)} params, {costs.format_count(uc.macs)} MACs per token; "
       f"values {costs.format_count(N_phys * Dv_big)} (x 4 layers = {costs.format_count(4 * N_phys * Dv_big)}, "
-      f"UltraMem-227M's sparse parameters, papers.md §7.8)")
+      f"UltraMem-227M's sparse parameters, docs/references.md §7.8)")
 
 # %%
 def show_costs(E=4, m=32):
     Es = torch.arange(1, 17)
     table = [expansion_costs(int(e), N_phys, Dv_big, d_big, m) for e in Es]
     names = list(table[0])
-    fig = viz.line_plot(Es, {nm: [t[nm][0] for t in table] for nm in names}, xlabel="expansion E",
-                        ylabel="parameters stored", title="storage: materialising grows with E N D'")
-    fig.axes[0].set_yscale("log")
-    fig.axes[0].axvline(E, color="grey", ls="--")
-    plt.show()
-    fig = viz.line_plot(Es, {nm: [t[nm][1] for t in table] for nm in names}, xlabel="expansion E",
-                        ylabel="MACs per token", title=f"compute per token, m = {m}: implicit pays E D_v D'")
-    fig.axes[0].axvline(E, color="grey", ls="--")
-    plt.show()
+    for key, ylabel, title in ((0, "parameters stored", "storage: materialising grows with E N D'"),
+                               (1, "MACs per token", f"compute per token, m = {m}: implicit pays E D_v D'")):
+        fig = viz.line_plot(Es, {nm: [t[nm][key] for t in table] for nm in names}, xlabel="expansion E",
+                            ylabel=ylabel, title=title)
+        ax = fig.axes[0]
+        for line, style in zip(ax.lines, ("-", "--", ":")):  # the two implicit curves nearly coincide
+            line.set_linestyle(style)
+            line.set_linewidth(2.0)
+        ax.axvline(E, color="grey", ls="-.", lw=1, label=f"E = {E} (slider)")
+        if key == 0:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        plt.show()
     return expansion_costs(E, N_phys, Dv_big, d_big, m)
 
 
@@ -258,7 +270,7 @@ print("shared projection == sum the virtual blocks first == plain weighted sum o
 # %% [markdown]
 # So in UltraMemV2 the "expansion" survives only as **addressing**: the grid has $n^2$ slots, each
 # physical row is reachable from $E$ grid positions, and the values are read once. In the layer
-# this is `key_expand` (the official `mem_key_expand_time`, papers.md §6.3): a grid of $n^2$ slots
+# this is `key_expand` (the official `mem_key_expand_time`, docs/references.md §6.3): a grid of $n^2$ slots
 # over $(n/\text{key\_expand})^2$ rows, i.e. $E=\text{key\_expand}^2$.
 #
 # ### Exercise 3 — physical rows read
@@ -310,8 +322,9 @@ print("inline UltraMemV2 == umv2_ref UltraMemV2")
 
 # %% [markdown]
 # Which physical rows fire for which token, and with what weight $a_i\,s_i$ (summed over cores): weights
-# are signed — a pre-score can be negative, so a slot can *subtract* its value — and a row reached from
-# several grid positions can fire for tokens whose grid slots differ.
+# are signed — a pre-score can be negative, so a slot can *subtract* its value. And with `key_expand=2`
+# each physical row is reachable from $E=4$ grid positions, so a row can fire for tokens whose grid
+# slots differ; the cell below the plots counts how often that happens in this batch.
 
 # %%
 fig = viz.slot_activations(rows[:10], w[:10], cfg_v2.window,
@@ -321,8 +334,19 @@ fig = viz.value_distributions({"pre-scores a_i": a, "retrieval scores s_i (summe
                               title="what multiplies each value row", xlabel="value")
 plt.show()
 
+# %%
+slots_of_row = {}  # physical row -> the distinct grid slots through which this batch read it
+for v, r in zip(vi.flatten().tolist(), rows.flatten().tolist()):
+    slots_of_row.setdefault(r, set()).add(v)
+shared = {r: sorted(v) for r, v in slots_of_row.items() if len(v) > 1}
+print(f"{len(shared)} of the {len(slots_of_row)} physical rows read by these {x.shape[0]} tokens were reached "
+      f"from two or more different grid slots")
+for r, vs in list(shared.items())[:3]:
+    print(f"  row {r}: grid slots {vs}")
+assert all(int(v2.shuffle[v]) % cfg_v2.window == r for r, vs in shared.items() for v in vs)  # same row, really
+
 # %% [markdown]
-# ## 4. Parameter and compute accounting (papers.md §7.8–7.9)
+# ## 4. Parameter and compute accounting (docs/references.md §7.8–7.9)
 #
 # Per token and layer (one head, per-rank queries, prefilter $k=m$):
 #
@@ -331,7 +355,7 @@ plt.show()
 #   + \underbrace{dD_p}_{W_{pre}} + \underbrace{m(D_p+D_v)}_{\text{pre-scores, pooling}} + \underbrace{D_v d}_{W_v}.$$
 #
 # For the README model of the official code ($d=768$, $r=2$, $D_k=192$, $n=1138$, $m=32$, $D_p=D_v=192$)
-# papers.md §7.9 gives ≈1.78M MACs per token and layer, against 5.75M for its shrunk SwiGLU FFN.
+# docs/references.md §7.9 gives ≈1.78M MACs per token and layer, against 5.75M for its shrunk SwiGLU FFN.
 #
 # ### Exercise 4 — MACs per token, any prefilter width
 #
@@ -363,7 +387,7 @@ swiglu = 3 * 768 * 2496  # the README model's shrunk SwiGLU FFN
 print(f"UltraMemV2 README layer: {costs.format_count(macs_inline)} MACs/token (SwiGLU FFN {costs.format_count(swiglu)}), "
       f"{m_ * (Dp_ + Dv_):,} value parameters read per token")
 
-# sparse parameters of the papers' models (papers.md §7.8)
+# sparse parameters of the papers' models (docs/references.md §7.8)
 sparse = {"UltraMem-227M: 4 x 808^2 x 384": 4 * 808**2 * 384,
           "UltraMemV2-227M: 20 x 360^2 x (192 + 192)": 20 * 360**2 * (192 + 192),
           "UltraMemV2-1B/7B: 16 x 528^2 x (768 + 384)": 16 * 528**2 * (768 + 384)}

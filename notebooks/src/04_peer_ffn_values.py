@@ -44,7 +44,7 @@ from umv2_ref.retrieval import tucker_topk
 # the same vector, up to scale.
 #
 # PEER makes each slot a tiny expert with a *down* vector $u_i$ and an *up* vector $v_i$, i.e. an MLP
-# with a single hidden neuron (papers.md §3.1):
+# with a single hidden neuron (docs/references.md §3.1):
 #
 # $$e_i(x) = \sigma(u_i^\top x)\, v_i, \qquad f(x) = \sum_{h=1}^{H} \sum_{i \in I^h(x)} g^h_i(x)\, \sigma(u_i^\top x)\, v_i ,$$
 #
@@ -139,7 +139,7 @@ check("nb04_peer_multihead", peer_multihead)
 # %% [markdown]
 # ## 2. UltraMemV2: FFN values without an activation (Eqs. 13–15)
 #
-# UltraMemV2 adopts PEER's idea with three changes (§3.4; papers.md §6.4):
+# UltraMemV2 adopts PEER's idea with three changes (§3.4; docs/references.md §6.4):
 #
 # * the input is first projected to a small width, $\tilde x = W_{pre}\,\bar x \in \mathbb R^{D_p}$, and
 #   each slot holds a **pre-value** $P[i] \in \mathbb R^{D_p}$ (PEER's $u_i$) and a **value**
@@ -209,11 +209,20 @@ print("inline Eq. 15 == umv2_ref.UltraMemV2 (c = 1):", tuple(o1.shape))
 #   the input.  The same slot adds $+|a_i s_i| V[i]$ for one token and $-|a_i s_i| V[i]$ for another.
 # * **Per token, Eq. 15 is linear in $\tilde x$** once the slots and scores are fixed.  All the
 #   non-linearity of the layer lives in the retrieval: which slots win and their scores.
+#
+# Where the layer sits: in every transformer block, next to a shrunk FFN and reading the same
+# normalised input (notebook 06 trains this).  Shapes for a batch of $T$ tokens:
+
+# %%
+import matplotlib.pyplot as plt
+
+fig = viz.ultramemv2_block_diagram()
+plt.show()
 
 # %% [markdown]
 # ## 3. Multi-core scoring: one score per core, one channel slice per core
 #
-# With $c$ Tucker cores (UltraMem's multi-core scoring, papers.md §5.6), TDQKR produces one grid
+# With $c$ Tucker cores (UltraMem's multi-core scoring, docs/references.md §5.6), TDQKR produces one grid
 # per core, $G_c[i,j] = S_{row}[i]^\top C_c\, S_{col}[j]$.  The **ranking** uses the sum over cores, but
 # the **pooling** does not collapse them: the value row is split into $c$ contiguous slices of
 # width $D_v/c$, and core $c$'s score weights slice $c$:
@@ -222,7 +231,7 @@ print("inline Eq. 15 == umv2_ref.UltraMemV2 (c = 1):", tuple(o1.shape))
 # V[i] = \big[V[i,\text{slice}_1];\dots;V[i,\text{slice}_c]\big].$$
 #
 # So `scores` has shape `[T, m, c]`.  UltraMemV2's paper does not mention it, but the released code
-# keeps two cores and this slicing (papers.md §8 item 4).  Each core's score then controls its own part
+# keeps two cores and this slicing (docs/references.md §8 item 4).  Each core's score then controls its own part
 # of every value row, at no extra lookup cost: the same $m$ rows are read either way.
 #
 # Written with an explicit loop over cores:
@@ -300,14 +309,16 @@ with torch.no_grad():
     weights = pre[..., None] * scores  # [32, m, c] w_i per core
 
 # %% [markdown]
-# **Which slots fire for which inputs.**  Rows are tokens (grouped by topic, 8 per topic), columns
-# the slots any token selected; colour is the weight $w_i = a_i \hat s_i$ (summed over cores).  Note the
-# block structure: each topic has its own few columns.  Within one topic a shared slot mostly keeps
+# **Which slots fire for which inputs.**  Rows are tokens (grouped by topic, 8 per topic, separated by
+# lines), columns the slots any token selected, in the order in which tokens first read them; colour is
+# the weight $w_i = a_i \hat s_i$ (summed over cores).  Note the block structure: each topic has its own
+# few columns (the overlap printed below the plot puts a number on it).  Within one topic a shared slot mostly keeps
 # its sign (similar inputs give similar pre-scores $a_i$), but its sign is not a property of the slot:
 # a slot read by two topics can be added by one and subtracted by the other.
 
 # %%
-fig = viz.slot_activations(rows, weights, n_slots=cfg.window, title="weights w_i = a_i s_i (tokens grouped by topic)")
+fig = viz.slot_activations(rows, weights, n_slots=cfg.window, groups=topic_of, order="first_use",
+                           title="weights w_i = a_i s_i (tokens grouped by topic)")
 
 # %%
 sets = [set(r.tolist()) for r in rows]
@@ -326,7 +337,9 @@ assert within > 3 * across, "tokens of one topic should share far more slots tha
 
 # %% [markdown]
 # **Pre-score distributions.**  The retrieval scores of the selected slots are positive (they are
-# the top of the grid) and of order 1 — notebook 05 calibrates their mean to 1.  The pre-scores $a_i$
+# the top of the grid).  Their mean is not 1 here (printed below, and in the legend): this layer keeps the
+# released code's constant query/key norm gain $D_k^{-0.4}$, and notebook 05 shows how to *calibrate*
+# that gain so that the mean becomes 1, as the paper's initialisation assumes.  The pre-scores $a_i$
 # live on a much smaller scale and are symmetric around 0, so about half of the selected slots
 # *subtract* their value; the weight $w_i$ inherits the sign of $a_i$.  GELU applied to the same
 # pre-scores (the PEER form) would be almost linear here, $\mathrm{gelu}(a) \approx a/2$ for small
@@ -340,6 +353,8 @@ fig = viz.value_distributions(
     {"pre-score a": pre, "weight w = a s": weights.sum(-1), "gelu(a) (PEER form)": F.gelu(pre)},
     title="pre-scores and weights of the selected slots", xlabel="value")
 frac_negative = (pre < 0).float().mean().item()
+print(f"mean retrieval score of the selected slots: {scores.sum(-1).mean().item():.2f} "
+      f"(uncalibrated norm gain D_k^-0.4 = {cfg.d_key ** -0.4:.3f}; notebook 05 tunes it to make this 1)")
 print(f"fraction of selected slots with a negative pre-score: {frac_negative:.2f}")
 assert 0.3 < frac_negative < 0.7 and bool((scores.sum(-1) > 0).all())
 
@@ -406,9 +421,14 @@ assert by_rank[:2].mean() > by_rank[-2:].mean() and first_is_largest < 0.5
 # The slider sets $m$, the number of slots read (exact top-m over the full grid, so $m$ is not
 # limited by the prefilter).  The bars are token `token`'s contribution norms; the title compares
 # the output with $m$ slots to the output with 128 slots (cosine similarity and norm ratio).
+#
+# At $m = 8$ these bars are **not** the slots of the bar chart above, although it is the same token and
+# the same layer.  The layer retrieves with the rank-1 prefilter of notebook 02, which at initialisation
+# misses roughly half of the exact top-$m$ (the slots whose two rank-1 factors are negative); the slider
+# reads the exact top-$m$ of the full grid.  The cell prints how many of the 8 slots the two agree on.
 # Watch how slowly the cosine approaches 1: with raw scores and signed pre-scores, every extra slot
 # still moves the output.  This fits one of the paper's findings: the number of *activated* slots
-# (top-m) matters more than the total number of sparse parameters (papers.md §6.1).
+# (top-m) matters more than the total number of sparse parameters (docs/references.md §6.1).
 
 # %%
 with torch.no_grad():
@@ -438,6 +458,12 @@ def show_topm(m=8, token=0):
 
 
 print(show_topm(8, 0))
+exact8 = set(memory_output_topm(8)[2][0].tolist())  # token 0, exact top-8 over the full grid
+layer8 = set(rows[0].tolist())  # token 0, what the layer's rank-1 prefilter returned
+print(f"token 0: the layer (prefilter) and the exact top-8 share {len(exact8 & layer8)} of 8 slots; "
+      f"over all {xs.shape[0]} tokens the prefilter found "
+      f"{sum(len(set(e.tolist()) & set(r.tolist())) for e, r in zip(memory_output_topm(8)[2], rows)) / rows.numel():.0%}"
+      f" of the exact top-8")
 cosines = [F.cosine_similarity(memory_output_topm(m)[0], reference_out, dim=-1).mean().item() for m in (4, 16, 64)]
 print("mean cosine to the m=128 output for m = 4, 16, 64:", [round(c, 2) for c in cosines])
 assert cosines[0] < cosines[1] < cosines[2] < 1, "reading more slots should move the output towards the m=128 output"

@@ -26,6 +26,16 @@ from umv2_ref.notebook import setup
 SMOKE = setup()
 
 # %%
+# The UltraMemV2 block as a diagram (shapes for a batch of T tokens): the memory layer runs in
+# parallel with a shrunk FFN on the same normalised input, in every block.
+import matplotlib.pyplot as plt
+
+from umv2_ref import viz
+
+viz.ultramemv2_block_diagram()
+plt.show()
+
+# %%
 import math
 
 import matplotlib.pyplot as plt
@@ -45,14 +55,14 @@ from umv2_ref.train import TrainConfig, train
 #
 # UltraMemV2's first change to UltraMem (paper §3.2, change 1) is placement: *every* block gets a
 # memory layer, and the released code feeds it **the same normalised tensor as the FFN** and adds
-# its output next to the FFN's (papers.md §6.2):
+# its output next to the FFN's (docs/references.md §6.2):
 #
 # $$h_l = x_l + \mathrm{Attn}\big(\mathrm{Norm}_1(x_l)\big),\qquad \bar x_l = \mathrm{Norm}_2(h_l),\qquad
 #   x_{l+1} = h_l + \mathrm{FFN}(\bar x_l) + \mathrm{Mem}_l(\bar x_l).$$
 #
 # The memory behaves like a huge sparse "shared expert" branch. To keep the compute per token
 # equal to the dense model, the FFN shrinks (here from 176 to 108 hidden units, $1.7d$; the
-# paper's 227M model shrinks its SwiGLU to $3.25d$, papers.md §6.2). The memory itself is
+# paper's 227M model shrinks its SwiGLU to $3.25d$, docs/references.md §6.2). The memory itself is
 #
 # $$\mathrm{Mem}(\bar x) = W_v \sum_{i\in \mathrm{TopM}} \big(\langle P_i,\, W_{pre}\bar x\rangle\, s_i\big)\, V_i
 #   \qquad\text{(Eq. 15: PEER-style values without activation)}$$
@@ -80,7 +90,7 @@ def umv2_forward(model, tokens):
 with torch.no_grad():
     torch.testing.assert_close(umv2_forward(model, tokens), model(tokens).logits)
 print(f"{cfg.n_layers} blocks, each: attention + SwiGLU(d_ff={cfg.d_ff}) + UltraMemV2 "
-      f"({cfg.mem_n_keys}^2 = {cfg.mem_n_keys ** 2:,} slots, top-m = {cfg.mem_topk})")
+      f"({cfg.mem_knum}^2 = {cfg.mem_knum ** 2:,} slots, top-m = {cfg.mem_topk})")
 
 # %% [markdown]
 # ### Exercise 1 — the block from raw tensors
@@ -109,7 +119,7 @@ check("nb06_umv2_block", my_umv2_block)
 # model's size, embedding included) and the sparse ones hold about 1.1M in total. They differ in
 # *how* they reach 1.1M: experts (MoE) or value rows (memory). The table counts per token the
 # multiply-accumulates and the bf16 parameter **bytes read** in one decode step of batch $B$
-# (papers.md §7.9): an MoE reads whole experts, a memory layer only the $m$ rows it picked — but
+# (docs/references.md §7.9): an MoE reads whole experts, a memory layer only the $m$ rows it picked — but
 # every step it also reads all of its keys, whatever $B$.
 
 # %%
@@ -159,7 +169,7 @@ assert runs["ultramemv2"]["params"]["table_params"] > 0 and runs["dense"]["param
 # ## 4. Which memory slots are used?
 #
 # A memory layer only learns the rows it reads. If retrieval collapses onto a few slots, the
-# rest of the table is dead weight (PKM's "dead keys", papers.md §2.3). The training loop counts
+# rest of the table is dead weight (PKM's "dead keys", docs/references.md §2.3). The training loop counts
 # the rows read on the validation batches at every evaluation (`usage_history`). Brightness is a
 # slot's share of the reads relative to uniform use; black columns were never read.
 
@@ -201,7 +211,7 @@ interact(show_usage, layer=(0, cfg.n_layers - 1), sort=True);
 # memory values and pre-values sit in their own AdamW parameter group
 # (`umv2_ref.optim.param_groups`): under Adam a gradient scale cancels out, so a different step
 # size needs a different *learning rate*, not a scaled gradient. UltraMem multiplies it by a
-# factor that decays from $\tau = 4$ to 1 (papers.md §7.10):
+# factor that decays from $\tau = 4$ to 1 (docs/references.md §7.10):
 #
 # $$\eta_V(t) = \eta(t)\,\Big(1 + (\tau - 1)\max\big(0,\ 1 - \tfrac{t}{T}\big)\Big),$$
 #

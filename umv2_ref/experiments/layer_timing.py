@@ -12,6 +12,7 @@ A dense SwiGLU FFN of the same width (inner 3.25 d, the README 227M ratio) is th
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -43,9 +44,12 @@ def layers() -> dict[str, Callable[[], nn.Module]]:
     return {
         "UltraMemV2 (n=64, D_k=64, m=16, D_p=D_v=64)": lambda: UltraMemV2(UltraMemV2Config(**V2)),
         "UltraMemV2, exact full-grid top-m": lambda: UltraMemV2(UltraMemV2Config(**V2, exact_topk=True)),
+        "UltraMemV2, two-quadrant prefilter": lambda: UltraMemV2(UltraMemV2Config(**V2, prefilter_quadrants=2)),
         "UltraMemV2, shared query across ranks": lambda: UltraMemV2(UltraMemV2Config(**V2, per_rank_queries=False)),
         "UltraMem v1 (E=4, D_v=64)": lambda: UltraMem(UltraMemConfig(d_model=D_MODEL, n_keys=64, d_key=64, topm=16,
                                                                      d_value=64)),
+        "UltraMem v1, 2 heads x m=8": lambda: UltraMem(UltraMemConfig(d_model=D_MODEL, n_keys=64, d_key=64, topm=8,
+                                                                      d_value=64, heads=2)),
         "PKM (4 heads x k=16, D_v=256)": lambda: PKM(PKMConfig(d_model=D_MODEL, n_keys=64, d_key=64, heads=4, topk=16)),
         "dense SwiGLU FFN (inner 832)": lambda: SwiGLU(D_MODEL, 832),
     }
@@ -96,10 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.tokens} tokens, d_model {D_MODEL}, "
           f"median CPU time of {args.repeats} runs after {args.warmup} warmup, float32")
+    print(f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print("\n| layer | forward CPU ms | fwd+bwd CPU ms |\n|---|---:|---:|")
     for name, make in layers().items():
         fwd, fwd_bwd = time_layer(make, args.tokens, args.repeats, args.warmup)
         print(f"| {name} | {fwd:.2f} | {fwd_bwd:.2f} |")
+    print(f"load average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from ..metrics import rank1_recall
 from ..model import TinyLM, lm_loss
 from ..optim import param_groups
 from ..retrieval import tucker_topk
-from ..train import TrainConfig, train
+from ..train import TrainConfig, load_model, train
 
 QUADRANTS = (1, 2)
 
@@ -74,13 +74,11 @@ def build(task: object, quadrants: int) -> TinyLM:
 
 
 def trained_model(task_name: str, steps: int, seed: int, quadrants: int) -> tuple[TinyLM, dict]:
-    """Train once with ``umv2_ref.train`` into a temporary directory and load the final weights back."""
+    """Train once with ``umv2_ref.train`` into a temporary directory and load the trained model back."""
     with tempfile.TemporaryDirectory() as tmp:
-        results = train_run(task_name, steps, seed, quadrants, Path(tmp))
-        state = torch.load(Path(tmp) / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
-    model = build(synthetic.make_task(task_name), quadrants)
-    model.load_state_dict(state)
-    return model.eval(), results
+        results = train_run(task_name, steps, seed, quadrants, Path(tmp) / "run")
+        model = load_model(Path(tmp) / "run")
+    return model, results
 
 
 def timing(task: object, batch_size: int, repeats: int = 20) -> dict[str, dict[int, float]]:

@@ -6,12 +6,13 @@
 One training step = forward, :func:`~umv2_ref.model.lm_loss`, backward, ``AdamW.step()`` (the
 :func:`umv2_ref.optim.param_groups` groups) and :func:`~umv2_ref.layers.refresh_rank1`, as in
 ``umv2_ref.train``.  Every model runs in the same process on the same random tokens; after
-``--warmup`` untimed steps the median of ``--steps`` timed steps gives tokens/s; the configs take
-turns step by step, so a change in machine load hits all of them alike (the load average is printed
-before and after).  The overhead
-column is ``step time / dense step time``: the dense model has the same activated parameters as
-every other configuration (``umv2_ref.configs``), so it is the price of sparsity at equal
-activated size.  Not a timed test: numbers depend on the machine and its load.
+``--warmup`` untimed steps the medians of ``--steps`` timed steps give the step's process CPU time
+(``time.process_time``: other jobs on a shared machine disturb it far less than wall time; with
+several threads it sums them) and its wall time, hence tokens/s; the configs take turns step by
+step, so a change in machine load hits all of them alike (the load average is printed before and
+after).  The overhead column is ``CPU time / dense CPU time``: the dense model has the same
+activated parameters as every other configuration (``umv2_ref.configs``), so it is the price of
+sparsity at equal activated size.  Not a timed test: numbers depend on the machine and its load.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import statistics
 import time
 
 import torch
+from tqdm import tqdm
 
 from ..configs import CONFIG_NAMES, get_config
 from ..costs import format_count, model_costs
@@ -38,28 +40,29 @@ class Trainer:
         self.model = TinyLM(get_config(name, max_seq_len=seq))
         self.opt = torch.optim.AdamW(param_groups(self.model, lr=1e-3))
 
-    def step(self, tokens: torch.Tensor) -> float:
-        """One step on ``tokens [B, T+1]``; returns its wall-clock seconds."""
-        start = time.perf_counter()
+    def step(self, tokens: torch.Tensor) -> tuple[float, float]:
+        """One step on ``tokens [B, T+1]``; returns its (process CPU, wall-clock) seconds."""
+        cpu, wall = time.process_time(), time.perf_counter()
         loss, _ = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:])  # inputs, targets [B, T]
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         refresh_rank1(self.model)
-        return time.perf_counter() - start
+        return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def median_step_times(names: list[str], tokens: torch.Tensor, steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per training step of each config, timed round-robin (one step of each config
-    per round) so that a change in machine load hits every config alike."""
+def median_step_times(names: list[str], tokens: torch.Tensor, steps: int,
+                      warmup: int) -> dict[str, tuple[float, float]]:
+    """Median (CPU, wall) seconds per training step of each config, timed round-robin (one step of
+    each config per round) so that a change in machine load hits every config alike."""
     trainers = {name: Trainer(name, tokens.shape[1] - 1) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for step in range(warmup + steps):
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for step in tqdm(range(warmup + steps), desc="rounds", leave=False):
         for name, trainer in trainers.items():
             seconds = trainer.step(tokens)
             if step >= warmup:
                 times[name].append(seconds)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(c for c, _ in t), statistics.median(w for _, w in t)) for name, t in times.items()}
 
 
 def machine() -> str:
@@ -71,17 +74,18 @@ def machine() -> str:
 
 
 def throughput_table(names: list[str], batch: int, seq: int, steps: int, warmup: int) -> str:
-    """Markdown table of median step time, tokens/s and overhead vs ``dense`` for each config."""
+    """Markdown table of median step CPU and wall time, tokens/s and CPU-time overhead vs ``dense``."""
     tokens = torch.randint(0, 256, (batch, seq + 1), generator=torch.Generator().manual_seed(0))  # [B, T+1]
     median = median_step_times(names, tokens, steps, warmup)
-    dense = median.get("dense")
-    rows = ["| config | total params | activated | step (ms, median) | tokens/s | step time / dense |",
-            "|---|---:|---:|---:|---:|---:|"]
+    dense = median.get("dense", (None, None))[0]
+    rows = ["| config | total params | activated | step CPU (ms) | step wall (ms) | tokens/s (wall) | "
+            "CPU time / dense |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         costs = model_costs(TinyLM(get_config(name)))
-        ratio = f"{median[name] / dense:.2f}x" if dense else "-"
+        cpu, wall = median[name]
+        ratio = f"{cpu / dense:.2f}x" if dense else "-"
         rows.append(f"| {name} | {format_count(costs.params)} | {format_count(costs.active)} | "
-                    f"{1e3 * median[name]:.1f} | {batch * seq / median[name]:,.0f} | {ratio} |")
+                    f"{1e3 * cpu:.1f} | {1e3 * wall:.1f} | {batch * seq / wall:,.0f} | {ratio} |")
     return "\n".join(rows)
 
 

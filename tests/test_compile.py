@@ -56,7 +56,7 @@ def test_ultramemv2_layer_traces_whole():
 
 def test_two_layer_tinylm_traces_whole():
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, ffn="ultramemv2",
-                      mem_n_keys=4, mem_topk=4, mem_d_key=8, backend="torch")
+                      mem_knum=4, mem_topk=4, mem_d_key=8, backend="torch")
     model = TinyLM(cfg)
     tokens = torch.randint(0, 32, (2, 8))
 

@@ -13,7 +13,7 @@ from umv2_ref.configs import get_config
 from umv2_ref.experiments import continual as X
 from umv2_ref.model import TinyLM
 
-SMALL = dict(mem_n_keys=16, mem_topk=8, max_seq_len=64)  # a fast UltraMemV2 for the tests
+SMALL = dict(mem_knum=16, mem_topk=8, max_seq_len=64)  # a fast UltraMemV2 for the tests
 
 
 def tiny_model(name="ultramemv2", **overrides):
@@ -202,7 +202,7 @@ def table_names(model):
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("config", ["ultramemv2", "ultramemv2-shared", "pkm", "peer", "memoryplus", "ultramem"])
 def test_sparse_step_changes_only_the_selected_rows(optimizer, config):
-    overrides = {} if config.startswith("ultramemv2") else dict(mem_n_keys=16, mem_topk=4)
+    overrides = {} if config.startswith("ultramemv2") else dict(mem_knum=16, mem_topk=4)
     model = tiny_model(config, **overrides)
     states, rows = run_sparse(model, optimizer)
     names = table_names(model)

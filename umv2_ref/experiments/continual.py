@@ -76,7 +76,7 @@ class Method:
 # one that forgets fewer A facts): SELECTED_LR.
 TUNE_CENTERS = {"full": 1e-3, "lora": 1e-3, "values": 1e-3, "sparse-tfidf-sgd": 100.0, "sparse-tfidf-adamw": 1e-3,
                 "sparse-kl-sgd": 100.0}
-SELECTED_LR = {"full": 1e-3, "lora": 1e-2, "values": 1e-2, "sparse-tfidf-sgd": 100.0, "sparse-tfidf-adamw": 1e-3,
+SELECTED_LR = {"full": 1e-3, "lora": 1e-2, "values": 1e-2, "sparse-tfidf-sgd": 100.0, "sparse-tfidf-adamw": 1.0,
                "sparse-kl-sgd": 100.0}
 METHOD_SPECS = (
     ("full", dict(method="full", optimizer="adamw"), "full finetuning (AdamW)"),
@@ -105,7 +105,7 @@ class Settings:
     # Pinned sizes (the tiny UltraMemV2 with knum 96: m/N = 32/9216 per layer, D_k 8, D_p:D_v 8:16, FFN 136),
     # so that later changes to the named configuration do not change this experiment.
     model_overrides: dict = field(default_factory=lambda: dict(
-        d_ff=136, mem_n_keys=96, mem_d_key=8, mem_topk=32, mem_d_pre=8, mem_d_value=16))
+        d_ff=136, mem_knum=96, mem_d_key=8, mem_topk=32, mem_d_pre=8, mem_d_value=16))
     value_std: float = 0.02  # UltraMemV2 value / pre-value init (the official code's constant)
     n_facts: int = 512  # facts per set; A and B use disjoint entity pairs (all 32^2 pairs in use)
     entity_tokens: int = 32  # entity alphabet: 2 * n_facts <= entity_tokens ** 2

@@ -41,7 +41,7 @@ notebooks: setup
 
 ## The whole test suite: reference, kernels (Triton interpreter on CPU), training, notebooks.
 test: setup
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=0 --timeout=900 \
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 --durations=0 --timeout=900 \
 		--nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks
 
 ## Real-browser test: notebooks 01, 02, 04 run in JupyterLab in headless Chromium, a slider redraws, and
@@ -55,7 +55,7 @@ test-browser: setup
 
 ## Only the Python tests (no notebooks), for quick iteration.
 test-fast: setup
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile -q -p no:cacheprovider tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 -q -p no:cacheprovider tests
 
 bench: setup
 	$(PY) -m kernels.bench

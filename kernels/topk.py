@@ -209,6 +209,7 @@ def _select(x, valid, need, row_id, col_id, n, FALSE_POSITION: tl.constexpr):
             id_lo = tl.where(enough, id_lo, id_mid)
         tau = id_hi
         keep = order <= tau
+    keep = keep & valid  # fewer than `need` valid entries (the (-,-) quadrant can have none): keep them all, only them
     # compaction slot: exclusive prefix count of keep, ordered by (q, c, d) then (a, b)
     f = keep.to(tl.int32)  # [A, B, Q, C, D]
     tile = tl.reduce(tl.reduce(f, 0, _add), 0, _add)  # [Q, C, D] per-thread counts (A, B in registers)
@@ -311,6 +312,10 @@ def _tucker_topk_fwd_kernel(
     th_r, tau_r = _axis_candidates(srow, s_rn, s_rr, uv_ptr, scratch, N, K, R, QUAD, ACC, BLOCK_K, EB, NT)
     th_c, tau_c = _axis_candidates(scol, s_cn, s_cr, uv_ptr + R, scratch + QUAD * BLOCK_K,
                                    N, K, R, QUAD, ACC, BLOCK_K, EB, NT)
+    if QUAD == 2:  # the (-,-) quadrant may have fewer than m valid pairs (its rows and columns can all be
+        # (+,+) candidates too): its unwritten winner slots must read as empty, not as stale memory
+        w = tl.arange(0, 2 * BLOCK_M)
+        tl.store(scratch + WIN + w, tl.full((2 * BLOCK_M,), -1, tl.int32))
     tl.debug_barrier()  # the compacted keys, written by other threads, are read below (scratch[WIN:] is free)
 
     # 2. per quadrant: the k x k candidate grid and its top m.  The grid is an [RB, CB, 1, NR, NC]
@@ -346,8 +351,9 @@ def _tucker_topk_fwd_kernel(
     tl.debug_barrier()
     if QUAD == 2:  # 3. the top m of the 2 m quadrant winners, by the same value and tie rule
         e = tl.arange(0, 2 * BLOCK_M)[None, None, None, None, :]  # [1, 1, 1, 1, 2 BM]
-        live = (e % BLOCK_M) < M
-        both = tl.load(scratch + WIN + e, mask=live, other=0)
+        both = tl.load(scratch + WIN + e, mask=(e % BLOCK_M) < M, other=-1)
+        live = both >= 0  # a written winner (slot ids are >= 0; empty slots hold -1)
+        both = tl.where(live, both, 0)
         value = _grid_value(srow + (both // N).to(tl.int64) * s_rn, s_rr, scol + (both % N).to(tl.int64) * s_cn,
                             s_cr, cores_ptr, live, live, R, C, ACC)
         keep, slot, _, _ = _select(value, live, M, 0, both, 0, False)

@@ -208,6 +208,25 @@ def test_two_quadrants_match_reference_and_contract(n, k, m, c):
     assert all(len(set(row)) == m for row in idx.tolist())  # distinct slots
 
 
+def test_two_quadrants_with_an_empty_second_quadrant(monkeypatch):
+    """k = n: every (-,-) pair is a (+,+) candidate already, so the second quadrant writes no winner.
+    Its slots must count as empty: with scratch memory that held slot id 0 (the best pair here), a
+    stale slot would enter the final top m a second time."""
+    def zero_empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0)
+
+    monkeypatch.setattr(config, "empty", zero_empty)
+    s_row, s_col, cores = (x.detach() for x in make_inputs(lead=(3,), n=4, r=2, c=2, seed=3))
+    cores = cores.abs() + 0.1  # positive cores: the best pair is the one with the largest factors
+    s_row[:, 0], s_col[:, 0] = 5.0, 5.0  # slot id 0 = (row 0, column 0) has the largest grid value
+    scores, idx = kernels.tucker_topk(s_row, s_col, cores, 16, k=4, quadrants=2)
+    want_s, want_i = contract_topk(s_row, s_col, cores, 16, 4, quadrants=2)
+    assert all(len(set(row.tolist())) == 16 for row in idx)  # all 16 pairs, none twice
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(scores, want_s)
+
+
 def test_two_quadrants_recall_at_init():
     """Recall of the exact top-m at init (random tokens through a fresh TuckerRetrieval): >= 0.98."""
     torch.manual_seed(0)

@@ -380,15 +380,80 @@ interact(show_t, t=(4, 1024, 4), rule=["tfidf", "kl"]);
 # %% [markdown]
 # ## 8. The experiment: three seeds
 #
-# `python -m umv2_ref.experiments.continual --out runs/continual` runs the full protocol: 512 facts
-# per set, 400 pretraining steps of 16 text + 16 fact rows, then 200 finetuning steps of 16 B rows for
-# every method, on seeds 1–3 (each seed re-draws the facts, the model and the data order). The
-# learning rates come from a separate tuning run on seed 0 (`--tune`: every method gets 3 rates 10×
-# apart and keeps the one that learns B best; among rates within 0.02 of it, the one that forgets
-# fewer A facts). Its summary is stored in `notebooks/results/09_continual.json`; the cell below reads it.
+# `python -m umv2_ref.experiments.continual --out runs/continual` runs the full protocol on seeds
+# 1–3 (each seed re-draws the facts, the model and the data order): pretrain on text plus set A,
+# then finetune a copy on set B with every method. The learning rates come from a separate tuning run
+# on seed 0 (`--tune`, 100 finetuning steps): every method gets the same grid of 3 rates 10× apart
+# (extended by 10× at most twice while its largest rate wins) and keeps the rate with the highest
+# final B accuracy; among rates within 0.02 of it, the one that forgets fewer A facts. The summary
+# of the run is stored in `notebooks/results/09_continual.json`; the cells below read it (nothing
+# is retrained here) and print the settings it was run with.
 
 # %%
 summary = json.loads((Path(umv2_ref.__file__).parents[1] / "notebooks" / "results" / "09_continual.json").read_text())
+st = summary["settings"]
+print(f"seeds {st['seeds']}; {st['n_facts']} facts per set; pretraining {st['pretrain_steps']} steps of "
+      f"{st['text_batch']} text + {st['facts_batch']} set-A rows; finetuning {st['finetune_steps']} steps of "
+      f"{st['finetune_batch']} set-B rows; sparse methods update t = {st['t']} rows per memory layer and batch "
+      f"(t sweep: {', '.join(map(str, st['t_sweep']))})")
+pre = summary["pretrain"]
+print("pretrained models, A accuracy / text loss: "
+      + "; ".join(f"seed {k}: {v['eval']['acc_a']:.3f} / {v['eval']['text_loss']:.3f} "
+                  f"(memory zeroed: {v['memory_off']['acc_a']:.3f} / {v['memory_off']['text_loss']:.3f})"
+                  for k, v in pre.items()))
 display(Markdown(X.results_markdown(summary)))
 fig = X.forgetting_figure(summary)
 plt.show()
+
+# %%
+M = summary["methods"]
+f3 = lambda s: f"{s['mean']:.3f} [{s['min']:.3f}–{s['max']:.3f}]"  # noqa: E731
+first = str(min(float(k) for k in summary["matched"]))
+at = summary["matched"][first]
+reached = [k for k, v in at.items() if v["seeds_reached"] == len(st["seeds"])]
+least = min(reached, key=lambda k: at[k]["forgot_facts"]["mean"])
+sparse = "sparse-tfidf-sgd"
+lines = [
+    f"* **Full finetuning** learns B to {f3(M['full']['learned'])} and loses {f3(M['full']['forgot_facts'])} of "
+    f"A accuracy; **LoRA** learns {f3(M['lora']['learned'])} and loses {f3(M['lora']['forgot_facts'])}.",
+    f"* **All memory tables** learn B to {f3(M['values']['learned'])} while losing only "
+    f"{f3(M['values']['forgot_facts'])} of A and {f3(M['values']['forgot_text'])} nats of text loss.",
+    f"* **Sparse TF-IDF (SGD)** at t = {st['t']} forgets little ({f3(M[sparse]['forgot_facts'])} of A, "
+    f"{f3(M[sparse]['forgot_text'])} of text loss) but learns only {f3(M[sparse]['learned'])} of B in "
+    f"{st['finetune_steps']} steps.",
+    f"* At matched learning (B accuracy first reaching {first}, reached by every seed of "
+    f"{len(reached)} methods) the least A forgetting is {M[least]['label'] or least}'s "
+    f"({f3(at[least]['forgot_facts'])}), against {f3(at['full']['forgot_facts'])} for full finetuning"
+    + (f" and {f3(at[sparse]['forgot_facts'])} for sparse TF-IDF (SGD)." if sparse in reached else "."),
+]
+ts = summary["t_sweep"]
+if ts:
+    lines.append("* **The t sweep** (sparse TF-IDF, SGD): " + "; ".join(
+        f"t = {t}: learns {f3(v['learned'])}, loses {f3(v['forgot_facts'])} of A"
+        for t, v in sorted(ts.items(), key=lambda kv: int(kv[0]))) + ".")
+adam = "sparse-tfidf-adamw"
+lines.append(f"* **SGD against AdamW** for the same sparse TF-IDF updates: AdamW learns {f3(M[adam]['learned'])} "
+             f"and loses {f3(M[adam]['forgot_facts'])} of A; SGD {f3(M[sparse]['learned'])} and "
+             f"{f3(M[sparse]['forgot_facts'])}. The KL rule (SGD) learns {f3(M['sparse-kl-sgd']['learned'])} and "
+             f"loses {f3(M['sparse-kl-sgd']['forgot_facts'])}.")
+display(Markdown("**What the three seeds show.**\n\n" + "\n".join(lines)))
+
+# %% [markdown]
+# ## Summary
+#
+# * A memory layer makes knowledge *addressable*: a fact is read from a few rows, so finetuning can
+#   be confined to the memory. In this experiment, updating only the memory tables learned the new
+#   facts while keeping most of set A and of the text; full finetuning and LoRA, which change weights
+#   every input uses, forgot far more (the table above, three seeds each; read the spreads).
+# * What this tiny setting does **not** reproduce is the paper's central comparison, sparse against
+#   all-memory finetuning: here the top-$t$ restriction mainly slows learning, and at matched
+#   learning finetuning all memory tables forgot less. A plausible reason, not tested here: with 512
+#   facts on a 9,216-row table, the rows a B batch reads are already few and rarely read by text
+#   (section 2 prints the overlap for this notebook's model), so "all rows this batch touched" is
+#   nearly as selective as the TF-IDF top-$t$; the paper's memory has millions of rows under a large,
+#   diverse pretraining corpus.
+# * Lin et al. report SGD beating AdamW for the sparse updates; the comparison above is the same
+#   question at this scale, and the KL rule of the follow-up (arXiv 2604.05248) is implemented,
+#   tested and measured next to it.
+# * None of this is measured on question answering or at scale: the numbers are held-out accuracy on
+#   synthetic facts and the validation loss of a byte-level text model with about 1.1M parameters.

@@ -39,8 +39,9 @@ git-filters:
 notebooks: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) tools/render_html.py --out build --timeout 3600 notebooks/[0-9][0-9]_*.ipynb
 
-## The whole test suite: reference, kernels (Triton interpreter on CPU), training, notebooks.
+## The whole test suite: lint (ruff, pyproject.toml), reference, kernels (Triton interpreter on CPU), training, notebooks.
 test: setup
+	$(VENV)/bin/ruff check .
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --max-worker-restart=0 --durations=0 --timeout=900 \
 		--nbval-lax --nbval-current-env -p no:cacheprovider tests notebooks
 

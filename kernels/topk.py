@@ -209,7 +209,6 @@ def _select(x, valid, need, row_id, col_id, n, FALSE_POSITION: tl.constexpr):
             id_lo = tl.where(enough, id_lo, id_mid)
         tau = id_hi
         keep = order <= tau
-    keep = keep & valid  # fewer than `need` valid entries (the (-,-) quadrant can have none): keep them all, only them
     # compaction slot: exclusive prefix count of keep, ordered by (q, c, d) then (a, b)
     f = keep.to(tl.int32)  # [A, B, Q, C, D]
     tile = tl.reduce(tl.reduce(f, 0, _add), 0, _add)  # [Q, C, D] per-thread counts (A, B in registers)
@@ -347,7 +346,9 @@ def _tucker_topk_fwd_kernel(
             in_c = (o_c > th_c) | ((o_c == th_c) & (cols <= tau_c))
             valid = valid & ~(in_r & in_c)
         keep, slot, _, _ = _select(grid, valid, M, rows, cols, N, True)
-        tl.store(scratch + WIN + q * BLOCK_M + slot, rows * N + cols, mask=keep)  # flat slot ids
+        # with no valid pair at all (possible in the (-,-) quadrant) _select's threshold is the
+        # invalid entries' sentinel and `keep` marks them: `& valid` stores none of them
+        tl.store(scratch + WIN + q * BLOCK_M + slot, rows * N + cols, mask=keep & valid)  # flat slot ids
     tl.debug_barrier()
     if QUAD == 2:  # 3. the top m of the 2 m quadrant winners, by the same value and tie rule
         e = tl.arange(0, 2 * BLOCK_M)[None, None, None, None, :]  # [1, 1, 1, 1, 2 BM]

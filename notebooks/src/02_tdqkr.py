@@ -26,7 +26,7 @@ from ipywidgets import interact
 from umv2_ref import metrics, viz
 from umv2_ref.exercises import check
 from umv2_ref.layers import TuckerConfig, TuckerRetrieval
-from umv2_ref.retrieval import product_key_topk, rank1_factors, tucker_grid, tucker_rank_penalty, tucker_topk
+from umv2_ref.retrieval import rank1_factors, tucker_grid, tucker_rank_penalty, tucker_topk
 
 # %% [markdown]
 # ## 1. From additive scores to a Tucker grid

@@ -150,7 +150,8 @@ interact(show_bytes, log2_T=(10, 17), m=[16, 32, 64, 128], D=[128, 192, 256]);
 #   arithmetic `table_ptr + row * D + d`, multiply by the weight, accumulate in fp32;
 # * **masks** for the last, partial block of tokens and for the padded columns `d >= D` — without
 #   them a program would read and write past the end of the tensors (on a GPU: garbage or a
-#   crash; the interpreter does not check either).
+#   crash; the interpreter has no bounds checks either: it returns garbage, or the whole Python
+#   process dies with a segmentation fault).
 
 # %%
 @triton.jit
@@ -411,16 +412,19 @@ check("nb07_sorted_table_grad", sorted_table_grad)
 # Retrieval (notebook 02) scores a k×k candidate grid per token, $\sum_c s_{row}[i]^\top C_c\,
 # s_{col}[j]$, after the rank-1 prefilter picks k rows and k columns.  The PyTorch path writes that
 # grid to memory (`[T, k*k]` floats: 1 GiB at T = 16384, k = 128) and runs `topk` on it.
-# `kernels.tucker_topk` keeps the prefilter's two `torch.topk` calls and fuses the rest into one
-# program per token:
+# `kernels.tucker_topk` does all of retrieval in one program per token:
 #
-# 1. gather the k candidate rows and columns (`[k, r]` each),
-# 2. build the k×k grid in registers with $\sum_c C_c$ (r and c are compile-time constants),
-# 3. pick the top m by **iterative argmax**: m rounds of "take the maximum, remember it, set it to
-#    $-\infty$" — the winners come out sorted,
-# 4. write the m slot ids and their per-core scores `[m, c]`.
+# 1. the rank-1 prefilter: $a = s_{row} u$ and $b = s_{col} v$ over the n keys, and the top k of each
+#    (with `quadrants=2` also of $-a$ and $-b$),
+# 2. the k×k grid with $\sum_c C_c$, in registers (r and c are compile-time constants),
+# 3. its top m by **selection with an exact threshold**: map the floats to order-preserving
+#    integers, search by counting passes for the value $\theta$ with exactly m entries $\ge \theta$
+#    (ties go to the smaller slot id), keep those and compact them by a prefix count — no sort,
+# 4. the m slot ids and their per-core scores `[m, c]`, put in order by counting, for each winner,
+#    how many winners beat it.
 #
-# Its backward (to $s_{row}$, $s_{col}$ and the cores) touches only the m winners and is plain PyTorch.
+# Its backward (to $s_{row}$, $s_{col}$ and the cores) is a second kernel that touches only the m
+# winners and sums a row picked twice in a fixed order, without atomics.
 
 # %%
 s_row = torch.randn(2, 6, 23, 2, device=DEV, requires_grad=True)  # [B, S, n, r]: n = 23 keys per axis

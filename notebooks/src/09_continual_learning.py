@@ -208,7 +208,8 @@ plt.show()
 #   \text{score}(i) = p(i)\log\frac{p(i)}{q(i)}\quad(0 \text{ where } p(i) = 0).$$
 #
 # Write it. The checker knows three mistakes: a $q$ that does not sum to 1, the reversed divergence,
-# and $\log(p/q)$ without the weight $p$ (one read of a never-seen row would then beat everything).
+# and the bare log-ratio without the weight $p(i)$ in front (one read of a never-seen row would then
+# beat everything).
 
 # %%
 def my_kl_scores(batch, background, smoothing):

@@ -154,6 +154,7 @@ def _select(x, valid, need, row_id, col_id, n, FALSE_POSITION: tl.constexpr):
     lo = tl.reduce(tl.where(valid, o, hi), None, _min)
     hi += 1
     c_lo = tl.reduce(valid.to(tl.int32), None, _add)
+    n_valid = c_lo  # a scalar: with no valid entry the threshold would be the invalid entries' sentinel
     c_hi = c_lo * 0
     # phase 1, in float values: split the interval at its mean, or (FALSE_POSITION) where log(count)
     # interpolates to log(need) (Illinois rule, clamped): on the tests' distributions the k = 128
@@ -209,6 +210,9 @@ def _select(x, valid, need, row_id, col_id, n, FALSE_POSITION: tl.constexpr):
             id_lo = tl.where(enough, id_lo, id_mid)
         tau = id_hi
         keep = order <= tau
+    # fewer valid entries than `need` keeps just the valid ones (their minimum is the threshold); none
+    # at all (possible in the (-,-) quadrant) keeps nothing.  A scalar test: no per-entry mask stays live
+    keep = keep & (n_valid > 0)
     # compaction slot: exclusive prefix count of keep, ordered by (q, c, d) then (a, b)
     f = keep.to(tl.int32)  # [A, B, Q, C, D]
     tile = tl.reduce(tl.reduce(f, 0, _add), 0, _add)  # [Q, C, D] per-thread counts (A, B in registers)
@@ -346,9 +350,7 @@ def _tucker_topk_fwd_kernel(
             in_c = (o_c > th_c) | ((o_c == th_c) & (cols <= tau_c))
             valid = valid & ~(in_r & in_c)
         keep, slot, _, _ = _select(grid, valid, M, rows, cols, N, True)
-        # with no valid pair at all (possible in the (-,-) quadrant) _select's threshold is the
-        # invalid entries' sentinel and `keep` marks them: `& valid` stores none of them
-        tl.store(scratch + WIN + q * BLOCK_M + slot, rows * N + cols, mask=keep & valid)  # flat slot ids
+        tl.store(scratch + WIN + q * BLOCK_M + slot, rows * N + cols, mask=keep)  # flat slot ids
     tl.debug_barrier()
     if QUAD == 2:  # 3. the top m of the 2 m quadrant winners, by the same value and tie rule
         e = tl.arange(0, 2 * BLOCK_M)[None, None, None, None, :]  # [1, 1, 1, 1, 2 BM]
@@ -513,8 +515,9 @@ def aot_specs(n: int = 1024, r: int = 2) -> list[dict]:
                     sig = dict(srow_ptr=dt, scol_ptr=dt, cores_ptr=dt, uv_ptr=dt, score_ptr=dt, idx_ptr="*i64",
                                scratch_ptr="*i32", total_ptr="*fp32", **strides, **{name: "constexpr" for name in consts})
                     # k = 128 with two quadrants keeps four thresholds live across the quadrant loop:
-                    # ptxas spills 44 bytes (measured, bf16 and fp32); everything else spills nothing
-                    spill = 64 if (km, quadrants) == (128, 2) else 0
+                    # ptxas spills 88 bytes (measured, bf16 and fp32; 44 before the empty-(-,-)-quadrant
+                    # fix of 2 Dec 2026, a correctness fix); everything else spills nothing
+                    spill = 96 if (km, quadrants) == (128, 2) else 0
                     specs.append(dict(
                         name=f"tucker_topk_fwd_{dt[1:]}_k{km}_m{km}_c{c}_q{quadrants}", fn=_tucker_topk_fwd_kernel,
                         signature=sig, constexprs=consts, num_warps=warps, num_stages=1,

@@ -5,8 +5,8 @@ missing and sets UMV2_BROWSER=1); skipped otherwise.  For notebooks 01, 02 and 0
 
 1. starts JupyterLab on 127.0.0.1 with a random token, serving copies of the notebooks (so autosave
    never touches the checkout), smoke sizes (UMV2_SMOKE=1);
-2. opens each notebook in headless Chromium, runs all cells from the Run menu, waits for every code
-   cell to finish, saves, and asserts that the saved notebook has no error output;
+2. opens each notebook in headless Chromium, waits until the server reports its kernel idle, runs all
+   cells from the Run menu (retried when no cell starts), waits for every code cell to finish, saves, and asserts that the saved notebook has no error output;
 3. moves the first slider of the notebook's ipywidgets control one step with the keyboard and asserts
    that the figure the control draws changes;
 
@@ -147,14 +147,51 @@ def _wait(condition, timeout: float, what: str, poll: float = 1.0):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _run_all_cells(driver) -> None:
-    from selenium.webdriver.common.by import By
+def _kernel_ready(base: str, token: str, name: str) -> bool:
+    """True once the server has a session for the notebook whose kernel is started and idle."""
+    try:
+        with urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=5) as reply:
+            sessions = json.loads(reply.read())
+    except OSError:
+        return False
+    return any(s.get("path", "").endswith(f"{name}.ipynb") and (s.get("kernel") or {}).get("execution_state") == "idle"
+               for s in sessions)
 
-    menu = driver.find_element(By.XPATH, "//li[contains(@class, 'lm-MenuBar-item')][.//div[text()='Run']]")
-    menu.click()
-    item = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "li[data-command='runmenu:run-all'], li[data-command='notebook:run-all-cells']"), 20,
-                 "the Run All Cells menu item")
-    item[0].click()
+
+DIALOG_JS = "return Array.from(document.querySelectorAll('.jp-Dialog')).map(e => e.textContent.trim());"
+
+
+def _run_all_cells(driver, name: str, served: Path, tries: int = 3) -> None:
+    """Run > Run All Cells, then check that a cell started; a click that did not take is retried.
+
+    On a slow machine the first click can land while the notebook's session is still attaching its
+    kernel (JupyterLab then clears the cells and runs nothing) or behind a dialog; each retry first
+    dismisses any dialog, and the last failure says what was on the screen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    dialogs = []
+    for attempt in range(tries):
+        dialogs = driver.execute_script(DIALOG_JS)
+        if dialogs:  # e.g. a kernel chooser opened by an earlier click: accept its default
+            accept = driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept")
+            (accept[0].click() if accept else driver.find_element(By.CSS_SELECTOR, "body").send_keys(Keys.ESCAPE))
+            time.sleep(2)
+        driver.find_element(By.CSS_SELECTOR, f"{PANEL} .jp-Notebook .jp-Cell").click()  # this notebook is current
+        menu = driver.find_element(By.XPATH, "//li[contains(@class, 'lm-MenuBar-item')][.//div[text()='Run']]")
+        menu.click()
+        item = _wait(lambda: driver.find_elements(
+            By.CSS_SELECTOR, "li[data-command='runmenu:run-all']:not(.lm-mod-disabled), "
+                             "li[data-command='notebook:run-all-cells']:not(.lm-mod-disabled)"), 30,
+            "the Run All Cells menu item")
+        item[0].click()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(p != "[ ]:" for p in driver.execute_script(PROMPTS_JS)):  # "[*]:" queued, or already "[1]:"
+                return
+            time.sleep(1)
+        driver.save_screenshot(str(served / f"{name}-run-all-{attempt}.png"))
+    pytest.fail(f"{name}: Run All Cells started no cell after {tries} tries; dialogs on screen: {dialogs}")
 
 
 def _widget_image(driver, slider):
@@ -175,9 +212,10 @@ def test_notebook_runs_in_jupyterlab_and_its_slider_redraws(driver, lab, name):
     _wait(lambda: any(t.text.strip() == f"{name}.ipynb" for t in driver.find_elements(
         By.CSS_SELECTOR, "#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel")), 120, f"{name} in front")
     _wait(lambda: driver.find_elements(By.CSS_SELECTOR, f"{PANEL} .jp-Notebook .jp-Cell"), 120, "the notebook to open")
+    _wait(lambda: _kernel_ready(base, token, name), 180, f"the kernel of {name} to start")  # server side
     _wait(lambda: driver.find_elements(By.CSS_SELECTOR, f"{PANEL} .jp-Notebook-ExecutionIndicator[data-status='idle']"),
           120, "an idle kernel")
-    _run_all_cells(driver)
+    _run_all_cells(driver, name, served)
 
     def finished():
         errors = driver.execute_script(ERRORS_JS)

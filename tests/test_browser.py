@@ -6,7 +6,8 @@ missing and sets UMV2_BROWSER=1); skipped otherwise.  For notebooks 01, 02 and 0
 1. starts JupyterLab on 127.0.0.1 with a random token, serving copies of the notebooks (so autosave
    never touches the checkout), smoke sizes (UMV2_SMOKE=1);
 2. opens each notebook in headless Chromium, waits until the server reports its kernel idle, runs all
-   cells from the Run menu (retried when no cell starts), waits for every code cell to finish, saves, and asserts that the saved notebook has no error output;
+   cells from the Run menu (retried when no cell starts), waits for every code cell to finish,
+   saves, and asserts that the saved notebook has no error output;
 3. moves the first slider of the notebook's ipywidgets control one step with the keyboard and asserts
    that the figure the control draws changes;
 

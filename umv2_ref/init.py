@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import require_positive_int
 from .layers import TuckerConfig, UltraMemV2
 from .retrieval import rank1_factors, tucker_topk
 
@@ -51,8 +52,7 @@ def small_init_std(h: int) -> float:
 
     0.0228218 for h = 768 (the official README ``init_std``), docs/references.md Sec. 7.1.
     """
-    if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
-        raise ValueError(f"h (d_model) must be a positive int, got {h!r}")
+    require_positive_int("h (d_model)", h)
     return math.sqrt(2.0 / (5.0 * h))
 
 
@@ -99,8 +99,7 @@ def swiglu_output_variance_exact(k_inner: float, n_layers: int) -> float:
 def _swiglu_variance(k_inner: float, n_layers: int, gate_second_moment: float) -> float:
     if k_inner <= 0:
         raise ValueError(f"k_inner (FFN inner width / d_model) must be positive, got {k_inner}")
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers <= 0:
-        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    require_positive_int("n_layers", n_layers)
     inner = 0.4 * gate_second_moment  # linear branch (var 0.4) times gate (second moment)
     return k_inner * 0.4 / (2 * n_layers) * inner  # fan-in k_inner*h, weight var 0.4/(h*2L)
 

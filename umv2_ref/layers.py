@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend as backends
+from .checks import require_positive_int
 from .retrieval import key_balance_loss, product_key_topk, rank1_factors, tucker_rank_penalty
 from .values import expanded_lookup, get_activation
 
@@ -67,8 +68,7 @@ def _apply_norm(norm: nn.Module, x: Tensor) -> Tensor:
 
 def _check_config(cfg: object, **positive: int) -> None:
     for name, value in positive.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
+        require_positive_int(f"{type(cfg).__name__}.{name}", value)
 
 
 def _check_floats(cfg: object, *, positive: dict[str, float] | None = None,

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import require_indices_in_range
+from .checks import require_indices_in_range, require_positive_int
 from .init import init_ultramemv2_
 from .layers import (
     PEER,
@@ -117,9 +117,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "n_experts", "moe_topk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+            require_positive_int(f"ModelConfig.{name}", getattr(self, name))
         if self.ffn not in MODEL_KINDS:
             raise ValueError(f"ModelConfig.ffn must be one of {MODEL_KINDS}, got {self.ffn!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:

@@ -37,7 +37,7 @@ git-filters:
 # works offline: local MathJax, each widget's default view as a static image (tools/render_html.py).
 # One thread: the models are tiny, and on a shared CPU extra threads make them many times slower.
 notebooks: setup
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) tools/render_html.py --out build --timeout 3600 notebooks/[0-9][0-9]_*.ipynb
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) tools/render_html.py --out build --timeout 1800 notebooks/[0-9][0-9]_*.ipynb
 
 ## The whole test suite: lint (ruff, pyproject.toml), reference, kernels (Triton interpreter on CPU), training, notebooks.
 test: setup

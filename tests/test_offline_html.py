@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import build_notebooks  # noqa: E402
@@ -48,3 +50,19 @@ def test_page_loads_nothing_from_the_network_and_typesets_with_local_mathjax(tmp
     assert "widget-view+json" not in page and "widget-state+json" not in page and "require" not in page.lower()
     note = page.index("Interactive control (ipywidgets)")
     assert "data:image/png;base64," in page[note:], "the control's default view (its first figure) is missing"
+
+
+def test_a_notebook_that_stalls_once_is_run_again_in_a_fresh_kernel(tmp_path, capsys):
+    """A cell past --timeout (or a dead kernel) reruns the notebook: a stall once is not a failed build."""
+    import nbformat
+
+    nb_path = tmp_path / "01_stall.ipynb"
+    nb_path.write_text(build_notebooks.build_text(
+        "# %%\nimport pathlib, time\nfirst = not pathlib.Path('ran-once').exists()\n"
+        "pathlib.Path('ran-once').write_text('x')\ntime.sleep(60 if first else 0)\nprint('first run' if first else 'second run')\n"))
+    done = render_html.execute(nbformat.read(nb_path, as_version=4), nb_path, timeout=5, tries=2)
+    assert [o["text"] for o in done.cells[0]["outputs"]] == ["second run\n"]
+    assert "CellTimeoutError" in capsys.readouterr().err
+    (tmp_path / "ran-once").unlink()  # stalls again; with one try the timeout is the answer, not a page
+    with pytest.raises(Exception, match="(?i)timed out|timeout"):
+        render_html.execute(nbformat.read(nb_path, as_version=4), nb_path, timeout=5, tries=1)

@@ -10,7 +10,10 @@ offline the equations stay raw ``$...$`` and widget outputs are empty.  This pag
   JupyterLab; progress-bar widgets are dropped;
 * loads no script or stylesheet from the network (the template ``tools/html_offline``).
 
-    python tools/render_html.py [--no-execute] [--timeout S] [--out build] notebooks/01_*.ipynb ...
+    python tools/render_html.py [--no-execute] [--timeout S] [--tries N] [--out build] notebooks/01_*.ipynb ...
+
+A cell that runs past ``--timeout`` seconds, or a dead kernel, runs that notebook again in a fresh
+kernel (``--tries`` runs in all).
 """
 from __future__ import annotations
 
@@ -90,11 +93,34 @@ def static_widgets(nb) -> int:
     return replaced
 
 
-def execute(nb, path: Path, timeout: int) -> None:
-    from nbclient import NotebookClient
+def execute(nb, path: Path, timeout: int, tries: int = 2):
+    """The notebook executed in a fresh kernel; returns a new notebook (``nb`` is left as it was).
 
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                   store_widget_state=True).execute()
+    A cell that runs past ``timeout`` seconds or a kernel that dies makes the whole notebook run
+    again from a fresh kernel, up to ``tries`` runs in all: under heavy load a run has been seen to
+    stall with client and kernel both idle, and a second run recovers it.  A cell that raises is
+    not retried (the error is the notebook's own).
+    """
+    import copy
+    import time
+
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    for attempt in range(1, tries + 1):
+        run = copy.deepcopy(nb)
+        start = time.monotonic()
+        try:
+            NotebookClient(run, timeout=timeout, kernel_name="python3", store_widget_state=True,
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            return run
+        except (CellTimeoutError, DeadKernelError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if attempt == tries:
+                raise
+            print(f"{path.name}: {type(err).__name__} after {time.monotonic() - start:.0f} s ({reason}); "
+                  f"running it again in a fresh kernel (run {attempt + 1} of {tries})", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def render(nb, name: str, out: Path) -> Path:
@@ -114,7 +140,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "build")
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell before the notebook is run again")
+    parser.add_argument("--tries", type=int, default=2, help="runs per notebook when a cell times out or the kernel dies")
     parser.add_argument("--no-execute", action="store_true", help="render the notebooks as they are")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +149,7 @@ def main(argv: list[str]) -> int:
     for path in args.notebooks:
         nb = nbformat.read(path, as_version=4)
         if not args.no_execute:
-            execute(nb, path, args.timeout)
+            nb = execute(nb, path, args.timeout, args.tries)
         n = static_widgets(nb)
         page = render(nb, path.stem, args.out)
         print(f"wrote {page} ({n} widget output(s) made static)", flush=True)

@@ -1,5 +1,7 @@
 """umv2_ref.explore: the slot-contribution contract for every layer kind, knock-outs, slot contexts,
 text generation and the CLI."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -240,6 +242,61 @@ def test_pretrained_trains_once_then_loads_the_same_model(tmp_path, capsys):
         explore.pretrained("gpt", **kw)
     assert explore.main(["--checkpoint", str(entry), "--text", "ab", "--layers", "1"]) == 0
     assert capsys.readouterr().out.count("memory layer") == 1
+
+
+def test_tools_ship_model_writes_a_weights_only_run_that_pretrained_loads_without_training(tmp_path, monkeypatch):
+    import hashlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import ship_model
+
+    kw = dict(steps=2, eval_every=2, seed=3)
+    monkeypatch.setattr(explore, "SHIPPED_DIR", tmp_path / "models")
+    monkeypatch.setattr(sys, "argv", ["ship_model.py", "--recipe", "ultramemv2", "--size", "smoke"])
+    dest = ship_model.ship("ultramemv2", "smoke", tmp_path / "models", **kw)
+    assert dest.name == explore.run_name("ultramemv2", "smoke", **kw)
+    trained, _ = explore.pretrained("ultramemv2", "smoke", cache_dir=tmp_path / "cache", progress=False,
+                                    shipped=False, **kw)  # the same run, trained again: deterministic
+    import umv2_ref.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("pretrained() trained although the run is shipped")
+
+    monkeypatch.setattr(umv2_ref.train, "train", no_training)
+    model, results = explore.pretrained("ultramemv2", "smoke", cache_dir=tmp_path / "empty", progress=False, **kw)
+    assert results["shipped"] == str(dest) and results["train_wall_s"] == 0.0 and not model.training
+    tokens = torch.randint(0, 256, (2, 10))
+    torch.testing.assert_close(model(tokens).logits, trained(tokens).logits, rtol=0, atol=0)
+    ckpt = torch.load(dest / "checkpoint.pt", weights_only=True)
+    assert ckpt["optimizer"] == {"state": {}, "param_groups": []}  # weights only
+    sums = dict(reversed(line.split("  ")) for line in (tmp_path / "models" / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {f"{dest.name}/{f}" for f in ("checkpoint.pt", "metrics.json", "pretrained.json")}
+    assert all(hashlib.sha256((tmp_path / "models" / f).read_bytes()).hexdigest() == h for f, h in sums.items())
+
+
+def test_notebook_08s_facts_model_is_shipped_intact_and_trained():
+    """Notebook 08 asks pretrained() for the head-to-head's umv2-tiny on the capacity facts (chosen
+    rate, seed 1): it must be in data/models under its current config hash, match SHA256SUMS, and
+    answer facts far above chance (an untrained model scores about 1/256)."""
+    import hashlib
+    import json
+
+    from umv2_ref import synthetic
+
+    root = Path(__file__).resolve().parents[1]
+    lr = json.loads((root / "data" / "h2h_summary.json").read_text())["meta"]["chosen_lr"]["facts-capacity/umv2-tiny"]
+    name = explore.run_name("umv2-tiny", "facts", lr=lr, seed=1)
+    models = root / "data" / "models"
+    assert (models / name / "pretrained.json").is_file(), f"{name} is not shipped: run tools/ship_model.py (data/README.md)"
+    for line in (models / "SHA256SUMS").read_text().splitlines():
+        digest, path = line.split("  ")
+        assert hashlib.sha256((models / path).read_bytes()).hexdigest() == digest, f"{path} changed after shipping"
+    model, results = explore.pretrained("umv2-tiny", "facts", cache_dir=None, progress=False, lr=lr, seed=1)
+    assert results["shipped"] == str(models / name)
+    x, y = synthetic.eval_set(synthetic.capacity_facts(), n=64)
+    acc = explore.knockout_eval(model, [(x[:32], y[:32]), (x[32:], y[32:])])["acc"]
+    assert acc > 0.25, acc
 
 
 def test_fact_slots_pick_the_slot_with_the_largest_direct_effect():

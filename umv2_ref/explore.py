@@ -13,7 +13,7 @@
 * :func:`knockout` / :func:`knockout_eval`: evaluate with memory layers or FFNs zeroed -- where
   does the model keep what it knows?
 * :func:`pretrained`: the small trained models of notebooks 06 and 08, trained once (quick size)
-  and cached under ``build/models``.
+  and cached under ``build/models``, or loaded from ``data/models`` where the repository ships them.
 * :func:`explorer`: an ipywidgets view (text, position, layer, slot) drawn by
   :func:`umv2_ref.viz.trace_panel`.
 
@@ -47,6 +47,7 @@ from .values import get_activation
 
 LAYER_KINDS = {PKM: "pkm", PEER: "peer", MemoryPlus: "memoryplus", UltraMem: "ultramem", UltraMemV2: "ultramemv2"}
 CACHE_DIR = Path("build") / "models"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "models"  # trained models shipped with the repository
 CONTRACT_ATOL = 1e-4  # |sum of contributions + residual - layer output|, relative to the output's scale
 
 
@@ -504,21 +505,10 @@ QUICK = {  # TrainConfig fields of the cached sizes
 }
 
 
-def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | Path | None = CACHE_DIR,
-               progress: bool = True, **fields) -> tuple[TinyLM, dict]:
-    """A trained model of ``recipe`` (a :data:`umv2_ref.experiments.compare.RECIPES` name) and its results.
-
-    ``size``: a :data:`QUICK` preset (``"text"``: 200 steps of 16 x 64 bytes of the bundled corpus;
-    ``"facts"``: 400 steps of batch 32 on the capacity-limited facts of the head-to-head; ``"smoke"``,
-    ``"facts-smoke"``: 20 tiny steps); ``fields`` override any :class:`~umv2_ref.train.TrainConfig`
-    field (e.g. ``lr=1e-2, seed=1``).  The first call trains and saves the run under
-    ``cache_dir/<recipe>-<hash of the run config>``; later calls load it in about a second.  A cache
-    entry that no longer loads (the code changed) is retrained, with a message.  ``cache_dir=None``
-    trains into a temporary directory (nothing kept).  Returns ``(model in eval mode, metrics.json)``;
-    the metrics carry ``train_wall_s``, the seconds this call spent training (0 when loaded).
-    """
+def _run_config(recipe: str, size: str, progress: bool, fields: dict):
+    """The :class:`~umv2_ref.train.TrainConfig` of a :func:`pretrained` run and its directory name."""
     from .experiments.compare import RECIPES
-    from .train import CheckpointError, TrainConfig, load_model, train
+    from .train import TrainConfig
 
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
@@ -529,12 +519,51 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
     cfg = TrainConfig(progress=progress, **settings)
     key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg) | {"progress": None}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:10]
+    return cfg, f"{recipe}-{cfg.task}-{key}"
+
+
+def run_name(recipe: str = "ultramemv2", size: str = "text", **fields) -> str:
+    """The directory name :func:`pretrained` gives this run (``<recipe>-<task>-<hash of its config>``)."""
+    return _run_config(recipe, size, False, fields)[1]
+
+
+def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | Path | None = CACHE_DIR,
+               progress: bool = True, shipped: bool = True, **fields) -> tuple[TinyLM, dict]:
+    """A trained model of ``recipe`` (a :data:`umv2_ref.experiments.compare.RECIPES` name) and its results.
+
+    ``size``: a :data:`QUICK` preset (``"text"``: 200 steps of 16 x 64 bytes of the bundled corpus;
+    ``"facts"``: 400 steps of batch 32 on the capacity-limited facts of the head-to-head; ``"smoke"``,
+    ``"facts-smoke"``: 20 tiny steps); ``fields`` override any :class:`~umv2_ref.train.TrainConfig`
+    field (e.g. ``lr=1e-2, seed=1``).  The first call trains and saves the run under
+    ``cache_dir/<recipe>-<hash of the run config>``; later calls load it in about a second.  A cache
+    entry that no longer loads (the code changed) is retrained, with a message.  ``cache_dir=None``
+    trains into a temporary directory (nothing kept).  A run not in the cache but shipped with the
+    repository under ``data/models/<same name>`` (weights only, made by ``tools/ship_model.py``; its
+    name holds the hash of its configuration, so a changed recipe never loads a stale model) is
+    loaded from there unless ``shipped=False``.  Returns ``(model in eval mode, metrics.json)``;
+    the metrics carry ``train_wall_s``, the seconds this call spent training (0 when loaded), and
+    ``shipped``, the shipped directory it came from (or ``None``).
+    """
+    from .train import CheckpointError, load_model, train
+
+    cfg, name = _run_config(recipe, size, progress, fields)
     root = Path(tempfile.mkdtemp(prefix="umv2-")) if cache_dir is None else Path(cache_dir)
-    directory = root / f"{recipe}-{cfg.task}-{key}"
+    directory = root / name
     done = directory / "pretrained.json"  # written once training has finished
+    ship = SHIPPED_DIR / name
+    if shipped and not done.exists() and (ship / "pretrained.json").exists():
+        try:
+            model = load_model(ship)
+        except CheckpointError as err:  # the model code changed since it was shipped (a test says so too)
+            print(f"shipped model {ship} does not load ({err}); training it instead", file=sys.stderr)
+        else:
+            if cache_dir is None:
+                shutil.rmtree(root, ignore_errors=True)
+            return model, json.loads((ship / "metrics.json").read_text()) | {"train_wall_s": 0.0, "shipped": str(ship)}
     if done.exists():
         try:
-            return load_model(directory), json.loads((directory / "metrics.json").read_text()) | {"train_wall_s": 0.0}
+            return load_model(directory), json.loads((directory / "metrics.json").read_text()) | {"train_wall_s": 0.0,
+                                                                                              "shipped": None}
         except Exception as err:  # the code changed since the cache was written
             print(f"cached model {directory} does not load ({type(err).__name__}: {err}); retraining", file=sys.stderr)
             done.unlink()
@@ -553,7 +582,8 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
         raise KeyboardInterrupt(f"training of {recipe} was interrupted; call pretrained() again to continue it")
     done.write_text(json.dumps({"recipe": recipe, "train_wall_s": time.perf_counter() - start,
                                 "config": dataclasses.asdict(cfg)}, indent=1, default=str))
-    results = json.loads((directory / "metrics.json").read_text()) | {"train_wall_s": time.perf_counter() - start}
+    results = json.loads((directory / "metrics.json").read_text()) | {"train_wall_s": time.perf_counter() - start,
+                                                                       "shipped": None}
     model = load_model(directory)
     if cache_dir is None:  # nothing is kept
         shutil.rmtree(root, ignore_errors=True)

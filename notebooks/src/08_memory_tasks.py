@@ -152,18 +152,18 @@ show_example("capacity", task=capacity)
 # ## 5. The multi-seed head-to-head
 #
 # `python -m umv2_ref.experiments.compare --size h2h --recipes h2h --tasks text,facts-capacity
-# --sweep 1e-3,3e-3,1e-2 --seeds 3` trains five *recipes* (a configuration of `umv2_ref.configs`
+# --sweep 1e-3,3e-3,1e-2 --seeds 3` trains eight *recipes* (a configuration of `umv2_ref.configs`
 # plus its memory init and value learning rate), all at ~218k activated parameters and, for the
-# sparse ones, ~1.1M in total: `dense`, `moe-2of16`, `pkm-10x`, and UltraMemV2 twice — the
-# paper's recipe (`umv2-paper`: Eq. 26 value init, constant $1\times$ value LR) and `umv2-tiny`
-# ($\sigma_V = 0.02$, constant $10\times$: at a budget of a few hundred steps a value row is read by
-# few tokens per step and barely moves at $1\times$); PKM gets the same $10\times$ for fairness.
+# sparse ones, ~1.1M in total: `dense`, `moe-2of16`, PKM at $1\times$ and $10\times$ value LR
+# (`pkm`, `pkm-10x`), UltraMem v1 with its own $4\times \to 1\times$ value LR (`ultramem-4x`), and
+# UltraMemV2 three ways — as the paper trains it (`umv2-paper`: Eq. 26 value init, constant
+# $1\times$ value LR), as the released code does (`umv2-official`: $\sigma_V = 0.02$, value LR
+# $4\times \to 1\times$) and `umv2-tiny` ($\sigma_V = 0.02$, constant $10\times$: at a budget of a
+# few hundred steps a value row is read by few tokens per step and barely moves at $1\times$).
 # Every recipe gets the same tuning: three learning rates on seed 0, judged on a selection split
-# the reported numbers never use, then three fresh seeds at the best one. (The `h2h-all` group adds
-# PKM at $1\times$, UltraMem v1 and the released code's UltraMemV2 recipe, $\sigma_V = 0.02$ with a
-# $4\times \to 1\times$ value LR; the CPU budget did not stretch to them.) The numbers below are read from the committed summary of that run
-# (`data/h2h_summary.json`; the README gives its machine and wall time); the cell does not retrain
-# anything.
+# the reported numbers never use, then three fresh seeds at the best one. The numbers below are
+# read from the committed summary of that run (`data/h2h_summary.json`; the README gives its
+# machine and wall time); the cell does not retrain anything.
 
 # %%
 summary = json.loads((Path(synthetic.__file__).parents[1] / "data" / "h2h_summary.json").read_text())

@@ -94,11 +94,8 @@ RECIPES.update({
     "pkm-10x": Recipe("pkm-10x", "pkm", 10.0, about="PKM with the tiny-budget constant 10x value LR"),
 })
 RECIPE_GROUPS = {
-    # the README's head-to-head: five recipes over 3 seeds (a CPU budget).  ``h2h-all`` adds PKM at 1x,
-    # UltraMem v1 and the official UltraMemV2 recipe (their seed-0 learning-rate sweep on text is
-    # reported in the README, not their seeds).
-    "h2h": ("dense", "moe-2of16", "pkm-10x", "umv2-paper", "umv2-tiny"),
-    "h2h-all": ("dense", "moe-2of16", "pkm", "pkm-10x", "ultramem-4x", "umv2-paper", "umv2-official", "umv2-tiny"),
+    # the README's head-to-head: eight recipes, each with the same 3-rate sweep and 3 seeds
+    "h2h": ("dense", "moe-2of16", "pkm", "pkm-10x", "ultramem-4x", "umv2-paper", "umv2-official", "umv2-tiny"),
     "default": ("dense", "moe-2of16", "moe-8of64", "pkm", "ultramem", "ultramemv2"),
 }
 MODELS = RECIPE_GROUPS["default"]  # the single-recipe-per-config default of earlier versions

@@ -152,7 +152,7 @@ show_example("capacity", task=capacity)
 # ## 5. The multi-seed head-to-head
 #
 # `python -m umv2_ref.experiments.compare --size h2h --recipes h2h --tasks text,facts-capacity
-# --sweep 1e-3,3e-3,1e-2 --seeds 3` trains eight *recipes* (a configuration of `umv2_ref.configs`
+# --sweep 1e-3,3e-3,1e-2,3e-2 --seeds 3` trains eight *recipes* (a configuration of `umv2_ref.configs`
 # plus its memory init and value learning rate), all at ~218k activated parameters and, for the
 # sparse ones, ~1.1M in total: `dense`, `moe-2of16`, PKM at $1\times$ and $10\times$ value LR
 # (`pkm`, `pkm-10x`), UltraMem v1 with its own $4\times \to 1\times$ value LR (`ultramem-4x`), and
@@ -160,7 +160,7 @@ show_example("capacity", task=capacity)
 # $1\times$ value LR), as the released code does (`umv2-official`: $\sigma_V = 0.02$, value LR
 # $4\times \to 1\times$) and `umv2-tiny` ($\sigma_V = 0.02$, constant $10\times$: at a budget of a
 # few hundred steps a value row is read by few tokens per step and barely moves at $1\times$).
-# Every recipe gets the same tuning: three learning rates on seed 0, judged on a selection split
+# Every recipe gets the same tuning: four learning rates on seed 0, judged on a selection split
 # the reported numbers never use, then three fresh seeds at the best one. The numbers below are
 # read from the committed summary of that run (`data/h2h_summary.json`; the README gives its
 # machine and wall time); the cell does not retrain anything.

@@ -2,7 +2,7 @@
 
     python -m umv2_ref.experiments.compare --smoke --out runs/compare-smoke          # minutes, 2 cores
     python -m umv2_ref.experiments.compare --size h2h --recipes h2h --tasks text,facts-capacity \\
-        --sweep 1e-3,3e-3,1e-2 --seeds 3 --out runs/h2h                                # the README protocol
+        --sweep 1e-3,3e-3,1e-2,3e-2 --seeds 3 --out runs/h2h                                # the README protocol
 
 Trains every *recipe* of ``--recipes`` on every task of ``--tasks``.  A recipe is a named
 configuration of :mod:`umv2_ref.configs` (all ~218k activated parameters, the sparse ones ~1.1M in
@@ -94,7 +94,7 @@ RECIPES.update({
     "pkm-10x": Recipe("pkm-10x", "pkm", 10.0, about="PKM with the tiny-budget constant 10x value LR"),
 })
 RECIPE_GROUPS = {
-    # the README's head-to-head: eight recipes, each with the same 3-rate sweep and 3 seeds
+    # the README's head-to-head: eight recipes, each with the same 4-rate sweep and 3 seeds
     "h2h": ("dense", "moe-2of16", "pkm", "pkm-10x", "ultramem-4x", "umv2-paper", "umv2-official", "umv2-tiny"),
     "default": ("dense", "moe-2of16", "moe-8of64", "pkm", "ultramem", "ultramemv2"),
 }

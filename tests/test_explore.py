@@ -238,6 +238,12 @@ def test_pretrained_trains_once_then_loads_the_same_model(tmp_path, capsys):
     assert (entry / "pretrained.json").stat().st_mtime_ns == stamp
     tokens = torch.randint(0, 256, (2, 10))
     torch.testing.assert_close(model(tokens).logits, again(tokens).logits, rtol=0, atol=0)
+    capsys.readouterr()
+    ckpt = entry / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a damaged cache entry is retrained, with a message
+    third, results = explore.pretrained("ultramemv2", **kw)
+    assert "does not load" in capsys.readouterr().err and results["train_wall_s"] > 0
+    torch.testing.assert_close(model(tokens).logits, third(tokens).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="recipe"):
         explore.pretrained("gpt", **kw)
     assert explore.main(["--checkpoint", str(entry), "--text", "ab", "--layers", "1"]) == 0
@@ -246,6 +252,7 @@ def test_pretrained_trains_once_then_loads_the_same_model(tmp_path, capsys):
 
 def test_tools_ship_model_writes_a_weights_only_run_that_pretrained_loads_without_training(tmp_path, monkeypatch):
     import hashlib
+    import json
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -253,8 +260,7 @@ def test_tools_ship_model_writes_a_weights_only_run_that_pretrained_loads_withou
 
     kw = dict(steps=2, eval_every=2, seed=3)
     monkeypatch.setattr(explore, "SHIPPED_DIR", tmp_path / "models")
-    monkeypatch.setattr(sys, "argv", ["ship_model.py", "--recipe", "ultramemv2", "--size", "smoke"])
-    dest = ship_model.ship("ultramemv2", "smoke", tmp_path / "models", **kw)
+    dest = ship_model.ship("ultramemv2", "smoke", tmp_path / "models", "python tools/ship_model.py (test)", **kw)
     assert dest.name == explore.run_name("ultramemv2", "smoke", **kw)
     trained, _ = explore.pretrained("ultramemv2", "smoke", cache_dir=tmp_path / "cache", progress=False,
                                     shipped=False, **kw)  # the same run, trained again: deterministic
@@ -268,6 +274,7 @@ def test_tools_ship_model_writes_a_weights_only_run_that_pretrained_loads_withou
     assert results["shipped"] == str(dest) and results["train_wall_s"] == 0.0 and not model.training
     tokens = torch.randint(0, 256, (2, 10))
     torch.testing.assert_close(model(tokens).logits, trained(tokens).logits, rtol=0, atol=0)
+    assert json.loads((dest / "pretrained.json").read_text())["command"] == "python tools/ship_model.py (test)"
     ckpt = torch.load(dest / "checkpoint.pt", weights_only=True)
     assert ckpt["optimizer"] == {"state": {}, "param_groups": []}  # weights only
     sums = dict(reversed(line.split("  ")) for line in (tmp_path / "models" / "SHA256SUMS").read_text().splitlines())

@@ -107,20 +107,21 @@ def execute(nb, path: Path, timeout: int, tries: int = 2):
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-    for attempt in range(1, tries + 1):
+    def run_once():
         run = copy.deepcopy(nb)
+        NotebookClient(run, timeout=timeout, kernel_name="python3", store_widget_state=True,
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        return run
+
+    for attempt in range(1, tries):
         start = time.monotonic()
         try:
-            NotebookClient(run, timeout=timeout, kernel_name="python3", store_widget_state=True,
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
-            return run
+            return run_once()
         except (CellTimeoutError, DeadKernelError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if attempt == tries:
-                raise
             print(f"{path.name}: {type(err).__name__} after {time.monotonic() - start:.0f} s ({reason}); "
                   f"running it again in a fresh kernel (run {attempt + 1} of {tries})", file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")
+    return run_once()  # the last try: its error is the answer
 
 
 def render(nb, name: str, out: Path) -> Path:

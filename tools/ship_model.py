@@ -41,7 +41,8 @@ def write_sums(models: Path) -> Path:
     return models / SUMS
 
 
-def ship(recipe: str, size: str, models: Path, **fields) -> Path:
+def ship(recipe: str, size: str, models: Path, command: str, **fields) -> Path:
+    """Train the run, write ``models/<name>/`` (weights only) and ``SHA256SUMS``; ``command`` is recorded."""
     name = explore.run_name(recipe, size, **fields)
     with tempfile.TemporaryDirectory(prefix="umv2-ship-") as tmp:
         _, results = explore.pretrained(recipe, size, cache_dir=tmp, shipped=False, **fields)
@@ -54,7 +55,7 @@ def ship(recipe: str, size: str, models: Path, **fields) -> Path:
         shutil.copy(run / "metrics.json", staging / "metrics.json")
         done = json.loads((run / "pretrained.json").read_text())
         done["config"]["out"] = None  # the temporary directory it was trained in
-        done["command"] = "python tools/ship_model.py " + " ".join(sys.argv[1:])
+        done["command"] = command
         done["torch"] = torch.__version__
         (staging / "pretrained.json").write_text(json.dumps(done, indent=1, default=str) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=explore.SHIPPED_DIR, help="where shipped models live")
     args = parser.parse_args(argv)
     fields = {k: v for k, v in (("lr", args.lr), ("seed", args.seed)) if v is not None}
-    ship(args.recipe, args.size, args.out, **fields)
+    command = "python tools/ship_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    ship(args.recipe, args.size, args.out, command, **fields)
     return 0
 
 

@@ -278,7 +278,7 @@ def trace(model: TinyLM, tokens: Tensor) -> list[LayerTrace]:
         with capture(model) as cap:
             model(tokens)
         records = []
-        final_rms = cap.final[0].pow(2).mean(-1).add(model.norm.eps or torch.finfo(cap.final.dtype).eps).sqrt()  # [T]
+        final_rms = _final_rms(model, cap.final[0])  # [T]
         for j, layer in enumerate(model.memory):
             a, b = model.placements[j]
             x, out = cap.memory_in[j][0], cap.memory_out[j].output[0]  # [T, d]
@@ -298,6 +298,16 @@ def trace(model: TinyLM, tokens: Tensor) -> list[LayerTrace]:
         model.train(was_training)
 
 
+def _final_rms(model: TinyLM, final: Tensor) -> Tensor:
+    """``rms(x_L)`` over the last axis, with the final RMSNorm's eps: ``[..., d] -> [...]``."""
+    return final.pow(2).mean(-1).add(model.norm.eps or torch.finfo(final.dtype).eps).sqrt()
+
+
+def _logit_directions(model: TinyLM, targets: Tensor) -> Tensor:
+    """``g . E[target]``: the model-space direction of each target's logit behind the final norm, ``[..., d]``."""
+    return model.embed.weight[targets] * model.norm.weight
+
+
 def direct_logits(model: TinyLM, record: LayerTrace, targets: Tensor) -> Tensor:
     """Each slot's direct effect on the logit of ``targets [T]``: ``(c / rms(x_L)) * g . E[target]``, ``[T, S]``.
 
@@ -305,7 +315,7 @@ def direct_logits(model: TinyLM, record: LayerTrace, targets: Tensor) -> Tensor:
     branches leave it at), so the terms of one position add up to the memory's direct share of
     that logit; later blocks may still transform the memory output (that indirect path is not counted).
     """
-    direction = model.embed.weight[targets] * model.norm.weight  # [T, d]
+    direction = _logit_directions(model, targets)  # [T, d]
     return torch.einsum("tsd,td->ts", record.contributions, direction) / record.final_rms[:, None]
 
 
@@ -335,8 +345,8 @@ def fact_slots(model: TinyLM, inputs: Tensor, targets: Tensor, batch_size: int =
             if not mask.any():
                 continue
             safe = y.clamp(min=0)  # [b, T]
-            direction = model.embed.weight[safe] * model.norm.weight  # [b, T, d]
-            rms = cap.final.pow(2).mean(-1).add(model.norm.eps or torch.finfo(cap.final.dtype).eps).sqrt()  # [b, T]
+            direction = _logit_directions(model, safe)  # [b, T, d]
+            rms = _final_rms(model, cap.final)  # [b, T]
             effects, rows = [], []
             for j, layer in enumerate(model.memory):
                 dec = decompose(layer, cap.memory_in[j])
@@ -546,27 +556,26 @@ def pretrained(recipe: str = "ultramemv2", size: str = "text", cache_dir: str | 
     """
     from .train import CheckpointError, load_model, train
 
+    def load(directory: Path, what: str) -> tuple[TinyLM, dict] | None:
+        """The finished run in ``directory``, or None (with a message when it exists but no longer loads)."""
+        if not (directory / "pretrained.json").exists():  # written once training has finished
+            return None
+        try:
+            model, results = load_model(directory), json.loads((directory / "metrics.json").read_text())
+        except (CheckpointError, OSError, ValueError) as err:  # damaged, or the model code changed since
+            print(f"{what} model {directory} does not load ({type(err).__name__}: {err}); not using it",
+                  file=sys.stderr)
+            return None
+        return model, results | {"train_wall_s": 0.0, "shipped": str(directory) if what == "shipped" else None}
+
     cfg, name = _run_config(recipe, size, progress, fields)
+    found = (load(Path(cache_dir) / name, "cached") if cache_dir is not None else None) \
+        or (load(SHIPPED_DIR / name, "shipped") if shipped else None)
+    if found:
+        return found
     root = Path(tempfile.mkdtemp(prefix="umv2-")) if cache_dir is None else Path(cache_dir)
     directory = root / name
-    done = directory / "pretrained.json"  # written once training has finished
-    ship = SHIPPED_DIR / name
-    if shipped and not done.exists() and (ship / "pretrained.json").exists():
-        try:
-            model = load_model(ship)
-        except CheckpointError as err:  # the model code changed since it was shipped (a test says so too)
-            print(f"shipped model {ship} does not load ({err}); training it instead", file=sys.stderr)
-        else:
-            if cache_dir is None:
-                shutil.rmtree(root, ignore_errors=True)
-            return model, json.loads((ship / "metrics.json").read_text()) | {"train_wall_s": 0.0, "shipped": str(ship)}
-    if done.exists():
-        try:
-            return load_model(directory), json.loads((directory / "metrics.json").read_text()) | {"train_wall_s": 0.0,
-                                                                                              "shipped": None}
-        except Exception as err:  # the code changed since the cache was written
-            print(f"cached model {directory} does not load ({type(err).__name__}: {err}); retraining", file=sys.stderr)
-            done.unlink()
+    done = directory / "pretrained.json"
     if progress:
         print(f"training {recipe} on {cfg.task} for {cfg.steps} steps (once; cached in {directory})", file=sys.stderr)
     cfg.out = str(directory)

@@ -452,9 +452,7 @@ class TinyLM(nn.Module):
                              f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
         if tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must hold at least one token per row, got shape {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"tokens must be in [0, vocab_size={self.cfg.vocab_size}), got "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        require_indices_in_range("tokens", tokens, self.cfg.vocab_size, "the embedding, vocab_size")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (

@@ -59,6 +59,7 @@ from .. import synthetic
 from ..configs import CONFIG_NAMES, get_config
 from ..costs import format_count, model_costs
 from ..model import TinyLM
+from ..rundir import atomic_write
 from ..train import TASK_NAMES, TrainConfig, train
 
 # ---------------------------------------------------------------------------------------------
@@ -164,9 +165,8 @@ def run_dir(out: Path, recipe: str, task: str, lr: float, seed: int) -> Path:
 
 
 def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """``obj`` as indented JSON, written atomically (:func:`umv2_ref.rundir.atomic_write`)."""
+    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def train_config(recipe: Recipe, spec: TaskSpec, size: Size, seed: int, lr: float, out: Path | None) -> TrainConfig:
@@ -215,12 +215,8 @@ def analyse(directory: Path, spec: TaskSpec, size: Size, selection: bool) -> dic
     zeroed, and every FFN zeroed, for the models that have them.
     """
     from ..explore import knockout_eval
+    from ..train import load_model
 
-    try:
-        from ..train import load_model
-    except ImportError:  # older checkouts without load_model: analyse later (the runs keep their checkpoints)
-        print("compare: umv2_ref.train.load_model is missing; selection and knock-outs skipped for now", flush=True)
-        return {}
     model = load_model(directory)
     extra: dict = {}
     if selection:
@@ -348,7 +344,7 @@ def choose_lrs(sweep_records: list[dict]) -> dict[tuple[str, str], float]:
     for r in sweep_records:
         if "selection" not in r:
             raise RuntimeError(f"sweep run {r['task']}/{r['recipe']} lr {r['lr']:g} has no selection-split "
-                               "evaluation (it needs umv2_ref.train.load_model); rerun the same command to add it")
+                               "evaluation; rerun the same command to add it")
         loss = r["selection"]["loss"]
         key = (r["task"], r["recipe"])
         if not math.isfinite(loss):

@@ -55,6 +55,7 @@ from ..configs import get_config
 from ..layers import UltraMemV2, refresh_rank1
 from ..model import TinyLM
 from ..optim import cosine_lr, param_groups
+from ..rundir import atomic_write, torch_bytes
 from ..train import set_lr
 
 IGNORE = synthetic.IGNORE
@@ -271,9 +272,8 @@ def background_stats(s: Settings, model: TinyLM, task_a, seed: int) -> cl.SlotSt
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """``obj`` as indented JSON, written atomically (:func:`umv2_ref.rundir.atomic_write`)."""
+    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def pretrained(s: Settings, seed: int, out: Path | None, progress: bool = True) -> tuple[TinyLM, dict]:
@@ -296,9 +296,7 @@ def pretrained(s: Settings, seed: int, out: Path | None, progress: bool = True) 
             "memory_off": memory_knockout(model, sets)}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".model.pt.tmp{os.getpid()}"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, folder / "model.pt")
+        atomic_write(folder / "model.pt", torch_bytes(model.state_dict()))
         _atomic_json(folder / "info.json", info)
     return model, info
 

@@ -209,7 +209,7 @@ display(Markdown(
 # ## 6. Which slots store which facts
 #
 # We take the `umv2-tiny` UltraMemV2 trained on the capacity-limited facts with the learning rate
-# the sweep chose and the first reported seed (400 steps of batch 32, about 4–5 minutes on a 2-core
+# the sweep chose and the first reported seed (400 steps of batch 32, 3.5 minutes on an idle 2-core
 # CPU), and open it up. The repository ships this one run, weights only, in `data/models`
 # (`tools/ship_model.py` made it; `data/README.md` gives the command and checksums), so
 # `explore.pretrained` loads it in a second. Change the rate, the seed or the recipe and it trains
